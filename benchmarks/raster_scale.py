@@ -1,0 +1,150 @@
+"""Memory and time of `segment` as the raster grows: 2k x 2k, 8k x 8k, 20k x 20k.
+
+Synthetic flat-colour scenes (a rectangle of its own colour in every 256 px cell, on a dark
+background) are written strip by strip, never held whole. Each run is a child process, so the
+peak RSS printed is that run's own. Models: the oracle of the tests (exact masks, cheap model)
+and a tiny random-weight SAM (real model code path, thresholds lowered so masks survive).
+
+    python benchmarks/raster_scale.py                      # 2k and 8k, both models
+    python benchmarks/raster_scale.py --sizes 2000,8000,20000 --models oracle
+
+Columns: peak RSS (MB), wall seconds, seconds per megapixel, the model share (time inside the
+automatic mask generator: encoder, decoder, filters) and non-model share (reading, spilling,
+stitching, vectorising, writing), objects and tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+BACKGROUND = (20, 20, 20)
+CELL = 256
+
+
+def _hash(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
+    h = (a.astype(np.uint64) * np.uint64(73856093)) ^ (b.astype(np.uint64) * np.uint64(19349663))
+    h ^= np.uint64(salt * 83492791)
+    h = (h ^ (h >> np.uint64(13))) * np.uint64(0x5BD1E995)
+    return (h ^ (h >> np.uint64(15))) & np.uint64(0xFFFFFFFF)
+
+
+def write_scene(path: Path, size: int, strip: int = 512) -> Path:
+    """A size x size uint8 RGB GeoTIFF, one rectangle per 256 px cell, written by strips."""
+    import rasterio
+    from rasterio.windows import Window
+
+    if path.exists():
+        return path
+    meta = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8",
+            "crs": "EPSG:32614", "transform": rasterio.Affine(0.5, 0, 500000, 0, -0.5, 4100000),
+            "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate",
+            "bigtiff": "IF_SAFER"}
+    tmp = path.with_suffix(".part.tif")
+    cols = np.arange(size)
+    cx, ox = cols // CELL, cols % CELL
+    with rasterio.open(tmp, "w", **meta) as ds:
+        for r0 in range(0, size, strip):
+            rows = np.arange(r0, min(r0 + strip, size))
+            cy, oy = rows // CELL, rows % CELL
+            cyy, cxx = np.meshgrid(cy, cx, indexing="ij")
+            w = 40 + _hash(cxx, cyy, 1) % 180  # rectangle size and offset inside its cell
+            h = 40 + _hash(cxx, cyy, 2) % 180
+            x0 = _hash(cxx, cyy, 3) % (CELL - w)
+            y0 = _hash(cxx, cyy, 4) % (CELL - h)
+            inside = ((ox[None, :] >= x0) & (ox[None, :] < x0 + w)
+                      & (oy[:, None] >= y0) & (oy[:, None] < y0 + h))
+            out = np.empty((3, rows.size, size), np.uint8)
+            for b in range(3):
+                colour = (60 + _hash(cxx, cyy, 10 + b) % 190).astype(np.uint8)
+                out[b] = np.where(inside, colour, BACKGROUND[b])
+            ds.write(out, window=Window(0, r0, size, rows.size))
+    os.replace(tmp, path)
+    return path
+
+
+def child(args) -> None:
+    """One run in this process; prints one JSON line."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from terrasam import api
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kw = dict(tile_size=args.tile_size, overlap=args.tile_size // 4, scale="none", quiet=True,
+              overwrite=True, keep_workdir=False)
+    if args.model == "oracle":
+        from oracle import OracleAdapter
+
+        kw.update(adapter=OracleAdapter(background=BACKGROUND), points_per_side=8,
+                  points_per_batch=8)
+    else:
+        kw.update(checkpoint=args.checkpoint, device="cpu", points_per_side=4,
+                  pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=100)
+    t0 = time.perf_counter()
+    gdf = api.segment(args.raster, args.output, **kw)
+    wall = time.perf_counter() - t0
+    info = gdf.attrs["terrasam"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"peak_rss_mb": peak / 1024, "import_rss_mb": base_rss / 1024,
+                      "wall_s": wall, "model_s": info["model_s"], "objects": info["objects"],
+                      "tiles": info["tiles"], "stitch_s": info["stitch_s"],
+                      "write_s": info["write_s"], "read_wait_s": info["read_wait_s"],
+                      "peak_held_pixels": info["peak_held_pixels"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="2000,8000")
+    ap.add_argument("--models", default="oracle,tiny")
+    ap.add_argument("--tile-size", type=int, default=1024)
+    ap.add_argument("--dir", default=str(HERE.parent / ".bench"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--raster", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    models = args.models.split(",")
+    ckpt = work / "sam-vit-b-tiny"
+    if "tiny" in models and not ckpt.exists():
+        from terrasam.testing import random_checkpoint
+
+        random_checkpoint("sam-vit-b", ckpt, size="tiny", seed=0)
+    print(f"{'model':7} {'size':>6} {'tiles':>5} {'objects':>7} {'peak RSS MB':>11} "
+          f"{'wall s':>8} {'s/MP':>6} {'model %':>7} {'other %':>7}", flush=True)
+    for model in models:
+        first_rss = None
+        for size in (int(s) for s in args.sizes.split(",")):
+            raster = write_scene(work / f"scene_{size}.tif", size)
+            cmd = [sys.executable, __file__, "--child", "--model", model, "--raster",
+                   str(raster), "--output", str(work / f"out_{model}_{size}.gpkg"),
+                   "--tile-size", str(args.tile_size), "--checkpoint", str(ckpt)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{model} {size}: failed\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            mp = size * size / 1e6
+            first_rss = first_rss or r["peak_rss_mb"]
+            print(f"{model:7} {size:>6} {r['tiles']:>5} {r['objects']:>7} "
+                  f"{r['peak_rss_mb']:>11.0f} {r['wall_s']:>8.1f} {r['wall_s'] / mp:>6.2f} "
+                  f"{100 * r['model_s'] / r['wall_s']:>7.1f} "
+                  f"{100 * (1 - r['model_s'] / r['wall_s']):>7.1f}"
+                  f"   (RSS x{r['peak_rss_mb'] / first_rss:.2f} of the smallest)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from terrasam.cli import main
+
+main()

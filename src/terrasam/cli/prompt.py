@@ -1,0 +1,98 @@
+"""`terrasam prompt RASTER -o OUT`: one object per point/box prompt, or text concepts."""
+
+from __future__ import annotations
+
+import click
+
+from terrasam.cli.options import (
+    apply_config,
+    model_options,
+    raster_options,
+    tiling_options,
+    vector_options,
+)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("raster", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, metavar="OUT",
+              help="Vector output; format from the extension (.gpkg, .shp, .parquet, .geojson, .fgb).")
+@click.option("--point", "point", multiple=True, metavar="X,Y[,LABEL[,GROUP]]",
+              help="A point prompt in --crs (repeatable). LABEL 1 positive (default), 0 negative; "
+                   "points sharing a GROUP form one object.")
+@click.option("--box", "box", multiple=True, metavar="MINX,MINY,MAXX,MAXY[,GROUP]",
+              help="A box prompt in --crs (repeatable); GROUP joins it with points of that group.")
+@click.option("--points", "points_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Vector file of point prompts (Point/MultiPoint, in the file's own CRS).")
+@click.option("--boxes", "boxes_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Vector file of box prompts: each polygon's bounds, in the raster's CRS.")
+@click.option("--crs", metavar="CRS",
+              help="CRS of --point/--box coordinates (e.g. EPSG:4326); default the raster's.")
+@click.option("--label-field", metavar="FIELD",
+              help="Field of --points holding 1 (positive) or 0 (negative).")
+@click.option("--group-field", metavar="FIELD",
+              help="Field of --points/--boxes: features with the same value form one object.")
+@click.option("--text", "text", multiple=True, metavar="CONCEPT",
+              help="Segment every instance of a concept, e.g. \"swimming pool\" (repeatable; needs "
+                   "SAM 3, the default model with --text).")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--text: keep instances scoring at least this.")
+@click.option("--mask-threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="--text: mask probability threshold.")
+@click.option("--multimask-all", is_flag=True, default=False,
+              help="Keep the model's three candidate masks per prompt (column rank), not only "
+                   "the best by predicted IoU.")
+@click.option("--parts", type=click.Choice(["all", "prompt"]), default="all", show_default=True,
+              help="all: the model's whole mask; prompt: only its connected parts under a "
+                   "positive point or inside the box.")
+@model_options
+@raster_options
+@tiling_options
+@vector_options
+@click.option("--preview", metavar="PNG", help="Also write a PNG of the objects over the image.")
+@click.option("--map", "map_", metavar="HTML", help="Also write an HTML map of image and objects.")
+@click.option("--config", "config", type=click.Path(dir_okay=False), metavar="FILE",
+              help="TOML or YAML file with option values (command-line flags win).")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace existing outputs.")
+@click.option("--quiet", "-q", is_flag=True, default=False,
+              help="No progress output (skipped prompts are still reported).")
+@click.pass_context
+def prompt(ctx, **kw):
+    """Segment the objects under point/box prompts, or every instance of --text, in RASTER."""
+    from terrasam.errors import TerrasamError
+    from terrasam.prompts import parse_box, parse_point
+    from terrasam.raster import parse_bands
+
+    config = kw.pop("config")
+    if config:
+        kw = apply_config(ctx, kw, config, "prompt")
+    if kw["point"] and kw["points_file"]:
+        raise TerrasamError("give points with --points FILE or --point X,Y, not both.")
+    if kw["box"] and kw["boxes_file"]:
+        raise TerrasamError("give boxes with --boxes FILE or --box MINX,MINY,MAXX,MAXY, not both.")
+    points = kw["points_file"] or ([parse_point(p) for p in kw["point"]] or None)
+    boxes = kw["boxes_file"] or ([parse_box(b) for b in kw["box"]] or None)
+    quiet = kw["quiet"]
+
+    def warn(message: str) -> None:
+        click.echo(f"terrasam: warning: {message}", err=True)
+
+    from terrasam.prompts import prompt as run_prompt
+
+    gdf = run_prompt(
+        kw["raster"], kw["output"], points=points, boxes=boxes, text=list(kw["text"]) or None,
+        crs=kw["crs"], label_field=kw["label_field"], group_field=kw["group_field"],
+        model=kw["model"], checkpoint=kw["checkpoint"], device=kw["device"], dtype=kw["dtype"],
+        compile=kw["compile_"], bands=parse_bands(kw["bands"]), nodata=kw["nodata"],
+        scale=kw["scale"], multimask_all=kw["multimask_all"], parts=kw["parts"],
+        score_threshold=kw["score_threshold"], mask_threshold=kw["mask_threshold"],
+        tile_size=kw["tile_size"], overlap=kw["overlap"], gsd=kw["gsd"],
+        simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"],
+        overwrite=kw["overwrite"], preview=kw["preview"], map=kw["map_"], quiet=quiet,
+        warn=warn)
+    if not quiet:
+        info = gdf.attrs["terrasam"]
+        extra = "".join(f", {p}" for p in (kw["preview"], kw["map_"]) if p)
+        texts = f" and {len(info['texts'])} text prompts" if info["texts"] else ""
+        click.echo(f"{info['objects']} objects from {info['prompts']} prompts{texts} "
+                   f"-> {info['output']}{extra}")

@@ -1,0 +1,22 @@
+"""Shared fixtures. Fixtures specific to one module live in its test file or in tests/synth.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+
+SHARED_DATA = Path(
+    os.environ.get("TERRASAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The folder of real rasters beside the repository; skips the test when absent."""
+    if not (SHARED_DATA / "naip_2020_5m.tif").exists():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
