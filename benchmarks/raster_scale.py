@@ -2,11 +2,14 @@
 
 Synthetic flat-colour scenes (a rectangle of its own colour in every 256 px cell, on a dark
 background) are written strip by strip, never held whole. Each run is a child process, so the
-peak RSS printed is that run's own. Models: the oracle of the tests (exact masks, cheap model)
-and a tiny random-weight SAM (real model code path, thresholds lowered so masks survive).
+peak RSS printed is that run's own. Models: the oracle of the tests (exact masks, cheap model),
+a tiny random-weight SAM (real model code path, thresholds lowered so masks survive) and
+"full": the default model (SAM 2.1 hiera-tiny) at full size with random weights, default
+32 x 32 point grid, thresholds lowered so masks survive (the worst case for the non-model share).
 
     python benchmarks/raster_scale.py                      # 2k and 8k, both models
     python benchmarks/raster_scale.py --sizes 2000,8000,20000 --models oracle
+    python benchmarks/raster_scale.py --sizes 2048 --models full
 
 Columns: peak RSS (MB), wall seconds, seconds per megapixel, the model share (time inside the
 automatic mask generator: encoder, decoder, filters) and non-model share (reading, spilling,
@@ -85,6 +88,9 @@ def child(args) -> None:
 
         kw.update(adapter=OracleAdapter(background=BACKGROUND), points_per_side=8,
                   points_per_batch=8)
+    elif args.model == "full":
+        kw.update(checkpoint=args.checkpoint, device="cpu", dtype="float32",
+                  pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=100)
     else:
         kw.update(checkpoint=args.checkpoint, device="cpu", points_per_side=4,
                   pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=100)
@@ -118,11 +124,16 @@ def main() -> None:
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",")
-    ckpt = work / "sam-vit-b-tiny"
-    if "tiny" in models and not ckpt.exists():
-        from terrasam.testing import random_checkpoint
+    ckpts = {"tiny": work / "sam-vit-b-tiny", "full": work / "sam2.1_hiera_tiny_random.pt"}
+    for name, path in ckpts.items():
+        if name in models and not path.exists():
+            from terrasam.testing import random_checkpoint
 
-        random_checkpoint("sam-vit-b", ckpt, size="tiny", seed=0)
+            if name == "tiny":
+                random_checkpoint("sam-vit-b", path, size="tiny", seed=0)
+            else:
+                random_checkpoint("sam2.1-hiera-tiny", path, size="full", format="meta",
+                                  seed=0, prompt_sensitive=True)
     print(f"{'model':7} {'size':>6} {'tiles':>5} {'objects':>7} {'peak RSS MB':>11} "
           f"{'wall s':>8} {'s/MP':>6} {'model %':>7} {'other %':>7}", flush=True)
     for model in models:
@@ -131,7 +142,8 @@ def main() -> None:
             raster = write_scene(work / f"scene_{size}.tif", size)
             cmd = [sys.executable, __file__, "--child", "--model", model, "--raster",
                    str(raster), "--output", str(work / f"out_{model}_{size}.gpkg"),
-                   "--tile-size", str(args.tile_size), "--checkpoint", str(ckpt)]
+                   "--tile-size", str(args.tile_size),
+                   "--checkpoint", str(ckpts.get(model, ckpts["tiny"]))]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{model} {size}: failed\n{proc.stderr[-2000:]}", flush=True)

@@ -128,7 +128,7 @@ def test_nodata_frame_is_not_an_object_and_objects_stop_at_it(tmp_path):
     assert len(gdf) == 3
     for label, score in match(gdf, scene.polygons).items():
         assert score >= 0.99, label
-    frame = shapely.box(*scene.transform * (12, 212), *scene.transform * (212, 12))
+    frame = shapely.box(*scene.transform @ (12, 212), *scene.transform @ (212, 12))
     assert all(frame.buffer(1e-6).contains(g) for g in gdf.geometry)
 
 

@@ -13,6 +13,9 @@ import shapely
 from affine import Affine
 
 from terrasam.errors import TerrasamError
+from terrasam.prompts import prompt
+
+__all__ = ["segment", "prompt"]
 
 LABEL_BLOCK = 1024  # label raster written in blocks of this many pixels a side
 # GDAL's block cache defaults to 5 % of RAM and fills with the whole raster's blocks as tiles

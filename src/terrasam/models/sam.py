@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from terrasam.errors import TerrasamError
+from terrasam.models import fast_decoder as fd
 from terrasam.models.base import Adapter, Embedding
 from terrasam.models.registry import MODELS, ModelSpec
 
@@ -367,6 +368,7 @@ class SamAdapter(Adapter):
         self._hq = self.family == "sam_hq"
         self._mean = torch.tensor(PIXEL_MEAN, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(PIXEL_STD, device=self.device).view(3, 1, 1)
+        self._cache = fd.SideCache()
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """(1, 3, S, S) normalised, padded model input and the resized (h, w)."""
@@ -395,8 +397,11 @@ class SamAdapter(Adapter):
 
     @torch.inference_mode()
     def decode(self, embedding, points=None, point_labels=None, boxes=None, mask_inputs=None,
-               multimask=True):
-        """Decode B prompts against one embedding: ((B, M, 256, 256) logits, (B, M) IoU)."""
+               multimask=True, iou_thresh=None):
+        """Decode B prompts against one embedding: ((B, M, 256, 256) logits, (B, M) IoU).
+
+        With iou_thresh, masks whose predicted IoU is below it come back as -inf logits and
+        prompts without any such mask skip the mask upscaling."""
         scale = self._scale(embedding)
         pts = labels = bxs = None
         sizes = []
@@ -419,32 +424,106 @@ class SamAdapter(Adapter):
         if len(set(sizes)) != 1:
             raise ValueError(f"points, boxes and mask_inputs disagree on the batch size: {sizes}")
         b = sizes[0]
-        feats = embedding.features
-        inter = embedding.extra.get("intermediate_embeddings")
-        if mask_inputs is None:
-            # one image embedding, B prompts as the "point batch": the embedding is not copied
-            # here (the decoder's two-way transformer makes its own per-prompt copy).
-            shape = (1, b)
-        else:
-            # mask prompts are per image batch in transformers: B views of the one embedding
-            shape = (b, 1)
-            feats = feats.expand(b, -1, -1, -1)
-            if inter is not None:
-                inter = [t.expand(b, -1, -1, -1) for t in inter]
-            mask_inputs = mask_inputs.to(self.device, self.dtype)
-        kwargs = {}
-        if pts is not None:
-            kwargs["input_points"] = pts.reshape(*shape, -1, 2).to(self.device)
-            kwargs["input_labels"] = labels.reshape(*shape, -1).to(self.device)
-        if bxs is not None:
-            kwargs["input_boxes"] = bxs.reshape(shape[0], shape[1], 4).to(self.device)
-        if self._hq:
-            kwargs["intermediate_embeddings"] = inter
-        out = self.model(image_embeddings=feats, input_masks=mask_inputs,
-                         multimask_output=multimask, **kwargs)
-        logits = out.pred_masks.reshape(b, -1, *out.pred_masks.shape[-2:])
-        iou = out.iou_scores.reshape(b, -1)
+        pe_mod, dev = self.model.prompt_encoder, self.device
+        sparse = None
+        if pts is not None or bxs is not None:
+            sparse, _ = pe_mod(
+                input_points=None if pts is None else pts.reshape(1, b, -1, 2).to(dev),
+                input_labels=None if pts is None else labels.reshape(1, b, -1).to(dev),
+                input_boxes=None if bxs is None else bxs.reshape(1, b, 4).to(dev),
+                input_masks=None)
+            sparse = sparse.reshape(b, -1, sparse.shape[-1]).to(self.dtype)
+        dense = None
+        if mask_inputs is not None:
+            dense = pe_mod.mask_embed(mask_inputs.to(dev, self.dtype))
+        logits, iou = self._run_decoder(embedding, sparse, dense, b, multimask, iou_thresh)
         return logits.float(), iou.float()
+
+    def _per_image(self, embedding) -> dict:
+        """Decoder work that depends only on the image, once per embedding."""
+
+        def make():
+            model, dec = self.model, self.model.mask_decoder
+            pe = model.get_image_wide_positional_embeddings().to(self.dtype)
+            no_mask = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            out = {"pe": pe, "side": fd.image_side(dec.transformer, embedding.features + no_mask,
+                                                   pe),
+                   "head": fd.mask_head(dec)}
+            if self._hq:
+                out["hq_features"] = self._hq_features(embedding)
+            return out
+
+        return self._cache.get(embedding, make)
+
+    def _hq_features(self, embedding) -> torch.Tensor:
+        dec = self.model.mask_decoder
+        feats = embedding.features
+        x = dec.encoder_conv2(dec.activation(dec.encoder_norm(dec.encoder_conv1(feats))))
+        inter = embedding.extra.get("intermediate_embeddings")
+        if inter:
+            vit = inter[0].permute(0, 3, 1, 2).contiguous()
+            v = dec.compress_vit_conv1(vit)
+            x = x + dec.compress_vit_conv2(dec.activation(dec.compress_vit_norm(v)))
+        return x
+
+    def _run_decoder(self, embedding, sparse, dense, b, multimask, iou_thresh):
+        """transformers' SamMaskDecoder / SamHQMaskDecoder forward with the prompts as the
+        batch, per-image work shared (terrasam.models.fast_decoder) and, with iou_thresh,
+        only the surviving masks upscaled."""
+        dec = self.model.mask_decoder
+        per = self._per_image(embedding)
+        side = per["side"] if dense is None else fd.image_side(
+            dec.transformer, embedding.features + dense, per["pe"])
+        n_sam = len(dec.output_hypernetworks_mlps)
+        out_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
+        if self._hq:
+            out_tokens.append(dec.hq_token.weight)
+        tokens = torch.cat(out_tokens).to(self.dtype)
+        tokens = tokens[None].expand(b, -1, -1)
+        if sparse is not None:
+            tokens = torch.cat([tokens, sparse], dim=1)
+        queries, keys = fd.two_way(dec.transformer, tokens.contiguous(), side)
+        iou_all = dec.iou_prediction_head(queries[:, 0])
+        if multimask:
+            iou = iou_all[:, 1:n_sam]
+            order = torch.arange(1, n_sam, device=iou.device).expand(b, -1)
+            if self._hq:
+                iou, idx = torch.sort(iou, dim=1, descending=True)
+                order = idx + 1
+        else:
+            iou = iou_all[:, :1]
+            order = torch.zeros(b, 1, dtype=torch.int64, device=iou.device)
+        keep = torch.ones_like(iou, dtype=torch.bool) if iou_thresh is None else iou >= iou_thresh
+        sel = keep.any(1).nonzero()[:, 0]
+        h, w = embedding.features.shape[-2:]
+        logits = torch.full((b, iou.shape[1], 4 * h, 4 * w), float("-inf"), dtype=queries.dtype,
+                            device=queries.device)
+        if len(sel):
+            tok = queries[sel]
+            hyper = torch.stack([dec.output_hypernetworks_mlps[i](tok[:, 1 + i])
+                                 for i in range(n_sam)], dim=1)  # (s, n_sam, C/8)
+            hyper = hyper.gather(1, order[sel, :, None].expand(-1, -1, hyper.shape[-1]))
+            ks = keys[sel] if keys.shape[0] == b else keys.expand(len(sel), -1, -1)
+            if self._hq:
+                hq_hyper = dec.hq_mask_mlp(tok[:, 1 + n_sam])[:, None]
+                out = self._hq_masks(per, ks, hyper, hq_hyper, (h, w))
+            else:
+                out = fd.mask_logits(per["head"], ks, hyper, (h, w))
+            logits[sel] = torch.where(keep[sel, :, None, None], out, float("-inf"))
+        return logits, iou
+
+    def _hq_masks(self, per, keys, hyper, hq_hyper, hw):
+        dec = self.model.mask_decoder
+        outs = []
+        for s in range(0, keys.shape[0], fd._UPSCALE_CHUNK):
+            part = slice(s, s + fd._UPSCALE_CHUNK)
+            up = fd.blocked_to_image(fd.upscaled_embedding(per["head"], keys[part], hw), hw)
+            hq = dec.mask_conv2(dec.activation(dec.mask_norm(dec.mask_conv1(up))))
+            hq = hq + per["hq_features"]
+            sam = hyper[part] @ up.flatten(2)
+            hq = hq_hyper[part] @ hq.flatten(2)
+            outs.append((sam + hq).view(*sam.shape[:2], *up.shape[-2:]))
+        return torch.cat(outs)
 
     @torch.inference_mode()
     def upscale(self, low_res_logits: torch.Tensor, embedding: Embedding) -> torch.Tensor:
