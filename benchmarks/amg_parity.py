@@ -15,8 +15,10 @@ under three settings: the family's default thresholds (``default``), thresholds 
 masks survive random weights (``low``), and the same with NMS off (``per-prompt``,
 ``box_nms_thresh`` 1.0: one mask per prompt and output, compared one to one).
 
-Printed per run: median time of --runs, ratio to official, masks matched at IoU >= 0.95 in
-both directions (share of official masks with a terrasam match, and the reverse), coverage.
+Printed per run: median time (of --official-runs runs of the official generator, of --runs
+runs of each terrasam mode, whose time split is its last run's), ratio to official, masks
+matched at IoU >= 0.95 in both directions (share of official masks with a terrasam match,
+and the reverse), coverage; at the end a Markdown table for benchmarks/README.md.
 Empty masks (kept by the official generators when the stability threshold is 0) are left
 out of the official side: terrasam never returns empty masks.
 
@@ -24,8 +26,9 @@ The image: the top-left 934 x 723 of ../shared/data/naip_2020_5m.tif (bands 1-3,
 percentile stretch to uint8 unless already uint8), reflect-padded to 1024 x 1024 (no
 resampling: every pixel is a source pixel or its mirror).
 
-    python benchmarks/amg_parity.py --runs 3
+    python benchmarks/amg_parity.py --official-runs 1 --runs 3 --markdown parity.md
     python benchmarks/amg_parity.py --models sam-vit-b --settings default --runs 1
+    python benchmarks/amg_parity.py --points-per-side 8 --settings per-prompt --runs 1  # smoke
 """
 
 from __future__ import annotations
@@ -70,21 +73,29 @@ def load_image(path: Path, size: int = 1024) -> np.ndarray:
     return np.pad(data, ((0, size - h), (0, size - w), (0, 0)), mode="reflect")
 
 
-def official_generator(model_id: str, family: str, ckpt: Path, params: dict):
+def official_model(model_id: str, family: str, ckpt: Path):
+    """The official package's model, loaded once per checkpoint."""
     if family in ("sam", "sam_hq"):
-        from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+        from segment_anything import sam_model_registry
 
         variant = model_id.split("-", 1)[1].replace("-", "_")  # sam-vit-b -> vit_b
-        model = sam_model_registry[variant](checkpoint=str(ckpt)).eval()
+        return sam_model_registry[variant](checkpoint=str(ckpt)).eval()
+    from sam2.build_sam import build_sam2
+
+    return build_sam2(SAM2_CONFIGS[model_id], str(ckpt), device="cpu")
+
+
+def official_generator(model, family: str, params: dict):
+    if family in ("sam", "sam_hq"):
+        from segment_anything import SamAutomaticMaskGenerator
+
         keys = ("points_per_side", "points_per_batch", "pred_iou_thresh",
                 "stability_score_thresh", "stability_score_offset", "box_nms_thresh",
                 "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio",
                 "crop_n_points_downscale_factor", "min_mask_region_area")
         return SamAutomaticMaskGenerator(model, **{k: params[k] for k in keys})
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-    from sam2.build_sam import build_sam2
 
-    model = build_sam2(SAM2_CONFIGS[model_id], str(ckpt), device="cpu")
     keys = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
             "stability_score_offset", "mask_threshold", "box_nms_thresh", "crop_n_layers",
             "crop_nms_thresh", "crop_overlap_ratio", "crop_n_points_downscale_factor",
@@ -153,17 +164,43 @@ def run_terrasam(adapter, image, params):
     return elapsed, [(r.mask, r.bbox) for r in records], prof
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a Markdown table (terrasam rows also say where the time went)."""
+    lines = ["| model | thresholds | run | time (s) | speed-up | masks | official matched | "
+             "terrasam matched | coverage | prompts decoded | embed / decode / upscale / post "
+             "(s) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        prof = r["profile"]
+        split = (f"{prof.embed_s:.1f} / {prof.decode_s:.1f} / {prof.upscale_s:.1f} / "
+                 f"{prof.post_s:.1f}" if prof else "")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['run']} | {r['time']:.1f} | "
+                     f"{r['ratio']:.2f}x | {r['masks']} | {100 * r['off_matched']:.1f}% | "
+                     f"{100 * r['ts_matched']:.1f}% | {100 * r['coverage']:.1f}% | "
+                     f"{r['calls']} | {split} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="sam-vit-b,sam2.1-hiera-tiny")
     ap.add_argument("--settings", default="default,low,per-prompt")
-    ap.add_argument("--runs", type=int, default=3, help="runs per measurement (median)")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="runs of each terrasam mode per measurement (median time)")
+    ap.add_argument("--official-runs", type=int, default=1,
+                    help="runs of the official generator per measurement (median time; it is "
+                         "slow and its time varies little)")
     ap.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/terrasam-parity"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/terrasam-parity"),
+                    help="where the random checkpoints are written (once)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="also write the Markdown table (with the command line) to this file")
     args = ap.parse_args(argv)
+    if args.runs < 1 or args.official_runs < 1:
+        ap.error("--runs and --official-runs must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -173,8 +210,11 @@ def main(argv=None) -> int:
     from terrasam.testing import random_checkpoint
 
     image = load_image(args.image)
-    print(f"image {args.image.name}: {image.shape[1]}x{image.shape[0]} (reflect-padded), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    header = (f"image {args.image.name}: {image.shape[1]}x{image.shape[0]} (reflect-padded), "
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"device {args.device}, {args.official_runs} official run(s), {args.runs} "
+              "terrasam run(s) per mode, median times")
+    print(header)
     rows = []
     for model_id in args.models.split(","):
         spec = get_spec(model_id)
@@ -183,43 +223,43 @@ def main(argv=None) -> int:
             random_checkpoint(model_id, ckpt, size="full", format="meta", seed=0,
                               prompt_sensitive=True)
         adapter = load_model(model_id, checkpoint=str(ckpt), device=args.device, dtype="float32")
+        official = official_model(model_id, spec.family, ckpt)
         for setting in args.settings.split(","):
             params = AMGParams.for_family(spec.family, points_per_side=args.points_per_side,
                                           **SETTINGS[setting])
-            gen = official_generator(model_id, spec.family, ckpt, vars(params))
+            fast_params = AMGParams.for_family(spec.family, **{**vars(params), "fast": True})
+            gen = official_generator(official, spec.family, vars(params))
             times = {"official": [], "exact": [], "fast": []}
-            for _ in range(args.runs):
-                t, official = run_official(gen, image)
+            masks, profs = {}, {"official": None}
+            for _ in range(args.official_runs):
+                t, masks["official"] = run_official(gen, image)
                 times["official"].append(t)
-                t, exact, prof_exact = run_terrasam(adapter, image, params)
-                times["exact"].append(t)
-                fast_params = AMGParams.for_family(spec.family, **{**vars(params), "fast": True})
-                t, fast, prof_fast = run_terrasam(adapter, image, fast_params)
-                times["fast"].append(t)
+            for name, prm in (("exact", params), ("fast", fast_params)):
+                for _ in range(args.runs):
+                    t, masks[name], profs[name] = run_terrasam(adapter, image, prm)
+                    times[name].append(t)
             t_off = statistics.median(times["official"])
-            for name, masks, prof in (("official", official, None), ("exact", exact, prof_exact),
-                                      ("fast", fast, prof_fast)):
-                t = statistics.median(times[name])
+            for name in ("official", "exact", "fast"):
+                t, prof, found = statistics.median(times[name]), profs[name], masks[name]
                 rows.append(dict(
                     model=model_id, setting=setting, run=name, time=t, ratio=t_off / t,
-                    masks=len(masks),
-                    off_matched=match_share(official, masks) if name != "official" else 1.0,
-                    ts_matched=match_share(masks, official) if name != "official" else 1.0,
-                    coverage=coverage(masks, image.shape[:2]),
-                    calls=prof.decoder_calls if prof else args.points_per_side ** 2,
-                    profile=str(prof) if prof else ""))
+                    masks=len(found),
+                    off_matched=match_share(masks["official"], found) if prof else 1.0,
+                    ts_matched=match_share(found, masks["official"]) if prof else 1.0,
+                    coverage=coverage(found, image.shape[:2]),
+                    calls=prof.decoder_calls if prof else len(params.layer_grids()[0]),
+                    profile=prof))
                 r = rows[-1]
                 print(f"{model_id:18s} {setting:10s} {name:8s} {t:8.2f}s x{r['ratio']:5.2f} "
                       f"masks {r['masks']:5d} matched {100 * r['off_matched']:5.1f}%/"
                       f"{100 * r['ts_matched']:5.1f}% coverage {100 * r['coverage']:5.1f}% "
-                      f"prompts {r['calls']}  {r['profile']}", flush=True)
-    print("\n| model | thresholds | run | time (s) | speed-up | masks | official matched | "
-          "terrasam matched | coverage | prompts decoded |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['model']} | {r['setting']} | {r['run']} | {r['time']:.1f} | "
-              f"{r['ratio']:.2f}x | {r['masks']} | {100 * r['off_matched']:.1f}% | "
-              f"{100 * r['ts_matched']:.1f}% | {100 * r['coverage']:.1f}% | {r['calls']} |")
+                      f"prompts {r['calls']}  {prof or ''}", flush=True)
+    table = markdown_table(rows)
+    command = "python benchmarks/amg_parity.py " + " ".join(sys.argv[1:] if argv is None
+                                                           else argv)
+    print(f"\n`{command.strip()}`\n\n{header}\n\n{table}")
+    if args.markdown:
+        args.markdown.write_text(f"`{command.strip()}`\n\n{header}\n\n{table}\n")
     return 0
 
 

@@ -86,7 +86,7 @@ def child(args) -> None:
     if args.model == "oracle":
         from oracle import OracleAdapter
 
-        kw.update(adapter=OracleAdapter(background=BACKGROUND), points_per_side=8,
+        kw.update(adapter=OracleAdapter(background=BACKGROUND, flat=True), points_per_side=8,
                   points_per_batch=8)
     elif args.model == "full":
         kw.update(checkpoint=args.checkpoint, device="cpu", dtype="float32",

@@ -98,6 +98,7 @@ class LabelAdapter(Adapter):
         self.owner = {lab: name for name, o in objects.items() for lab in o["labels"]}
         self.decoder_calls = 0
         self.mask_inputs_seen = 0
+        self.honour_hint, self.hint_slack, self.hints, self.skipped = True, 0.0, [], 0
 
     def embed(self, image):
         h, w = image.shape[:2]
@@ -105,7 +106,7 @@ class LabelAdapter(Adapter):
                          input_size=(h, w))
 
     def decode(self, embedding, points=None, point_labels=None, boxes=None, mask_inputs=None,
-               multimask=True):
+               multimask=True, iou_thresh=None):
         lab = embedding.features
         f = self.factor
         pts = torch.as_tensor(points).reshape(len(points), -1, 2).numpy()
@@ -128,6 +129,13 @@ class LabelAdapter(Adapter):
         if mask_inputs is not None:
             self.mask_inputs_seen += len(mask_inputs)
         self.decoder_calls += len(pts)
+        self.hints.append(iou_thresh)
+        if iou_thresh is not None and self.honour_hint:
+            # what real adapters do: no logits for masks the IoU filter drops (hint_slack > 0:
+            # a faulty adapter that also skips some masks the filter keeps)
+            skip = iou < iou_thresh + self.hint_slack
+            self.skipped += int(skip.sum())
+            logits[skip] = float("-inf")
         return logits, iou
 
     def upscale(self, low_res_logits, embedding):
@@ -513,6 +521,74 @@ def test_m2m_refines_every_candidate():
                    [labels == k for k in np.unique(labels)], 1.0) >= 0.5
 
 
+def records_equal(a, b):
+    assert len(a) == len(b)
+    for r, q in zip(a, b):
+        assert np.array_equal(r.mask, q.mask)
+        assert (r.bbox, r.area, r.point, r.crop_box) == (q.bbox, q.area, q.point, q.crop_box)
+        assert (r.predicted_iou, r.stability_score) == (q.predicted_iou, q.stability_score)
+
+
+def test_iou_hint_changes_nothing():
+    _, labels = partition_scene(128, min_side=12, max_side=40, seed=7)
+    image = label_image(labels)
+    # predicted IoUs below, exactly at (dropped: the filter is "> thresh") and above 0.9
+    choices = [(0.9, 0.95, 0.85), (0.5, 0.9, 0.93), (0.91, 0.6, 0.9), (0.2, 0.3, 0.9)]
+    objects = {k: dict(labels=[k], iou=choices[k % 4]) for k in range(1, labels.max() + 1)}
+
+    def run(honour, slack=0.0, **kw):
+        adapter = LabelAdapter(objects, factor=2, family=kw.pop("family", "sam"))
+        adapter.honour_hint, adapter.hint_slack = honour, slack
+        prof = AMGProfile()
+        p = AMGParams(points_per_side=10, points_per_batch=32, pred_iou_thresh=0.9,
+                      stability_score_thresh=0.0, box_nms_thresh=1.0, **kw)
+        return generate(adapter, image, p, profile=prof), adapter, prof
+
+    ignored, _, prof_ignored = run(False)
+    hinted, adapter, prof = run(True)
+    assert len(ignored) > 50 and adapter.skipped > 100
+    assert set(adapter.hints) == {0.9}
+    records_equal(hinted, ignored)
+    assert prof.decoder_calls == prof_ignored.decoder_calls == 100
+    # an adapter that skips masks the filter keeps: decoded again without the hint
+    faulty, adapter, prof = run(True, slack=0.04)
+    records_equal(faulty, ignored)
+    assert None in adapter.hints and prof.decoder_calls > 100
+    # with m2m the hint goes to the refinement, not to the first decode
+    m2m_ignored, _, _ = run(False, use_m2m=True, family="sam2")
+    m2m, adapter, _ = run(True, use_m2m=True, family="sam2")
+    records_equal(m2m, m2m_ignored)
+    # 4 batches of prompts, then 3 + 3 + 3 + 1 refinement calls of <= 32 candidates
+    assert adapter.hints == ([None] + [0.9] * 3) * 3 + [None, 0.9] and adapter.skipped
+
+
+def test_no_iou_filter_no_hint():
+    adapter = LabelAdapter({1: dict(labels=[1])})
+    generate(adapter, np.ones((32, 32, 3), np.uint8),
+             AMGParams(points_per_side=4, pred_iou_thresh=0.0))
+    assert adapter.hints == [None]
+
+
+def test_mask_stats_numpy_and_torch_paths_agree():
+    from terrasam.amg import _mask_stats, _mask_stats_torch
+
+    rng = np.random.default_rng(0)
+    up = torch.from_numpy((rng.normal(size=(6, 40, 50)) * 2).astype(np.float32))
+    up[1] = -5.0  # empty at both cut-offs
+    up[2] = 0.5  # empty above the high cut only: stability 0
+    up[3] = -3.0
+    up[3, 5:9, 7:30] = 3.0
+    u = up.numpy()
+    stab, boxes = _mask_stats(u, u.max(2), 0.0, 1.0)
+    stab_t, boxes_t = _mask_stats_torch(up, 0.0, 1.0)
+    assert np.isnan(stab[1]) and stab[2] == 0.0 and stab[3] == 1.0
+    assert tuple(boxes[3]) == (7, 5, 29, 8) and tuple(boxes[1]) == (-1, -1, -1, -1)
+    assert np.array_equal(stab, stab_t, equal_nan=True) and np.array_equal(boxes, boxes_t)
+    naive = [np.float32((m > 1).sum()) / np.float32((m > -1).sum()) for m in u[[0, 4, 5]]]
+    assert np.array_equal(stab[[0, 4, 5]], naive)
+    assert [tuple(b) for b in boxes[[0, 4, 5]]] == [tuple(box_of(m > 0)) for m in u[[0, 4, 5]]]
+
+
 # ---------------------------------------------------------------- valid (nodata) handling
 
 
@@ -621,6 +697,13 @@ def test_tiny_random_model_runs_exact_and_fast(model_id, tmp_path):
     # the same masks from the naive full-resolution pipeline (empty masks aside)
     reference = naive_generate(adapter, image, p)
     assert_same(records, reference, (160, 160))
+    # with an IoU filter the adapter gets the hint and may skip logits: still the same masks
+    ious = adapter.decode(adapter.embed(image), build_point_grid(6)[:, None] * 160,
+                          np.ones((36, 1)), multimask=True)[1].numpy()
+    p.pred_iou_thresh = float(np.clip(np.quantile(ious, 0.4), 0.0, 1.0))
+    hinted = generate(adapter, image, p)
+    assert 0 < len(hinted) < len(records)
+    assert_same(hinted, naive_generate(adapter, image, p), (160, 160))
     fast = generate(adapter, image, AMGParams.for_family(adapter.family, points_per_side=6,
                                                           fast=True, coverage_passes=1))
     assert isinstance(fast, list)

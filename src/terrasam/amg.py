@@ -45,7 +45,9 @@ from terrasam.amg_utils import (
 from terrasam.errors import TerrasamError
 
 SAM2_FAMILIES = ("sam2", "sam3")
-_UPSCALE_CHUNK = 16  # survivors upsampled at once: bounds memory at 16 x H x W floats
+# bytes of upsampled logits per chunk: under glibc's 32 MiB mmap ceiling, so that each
+# chunk reuses the freed memory of the last instead of page-faulting in fresh memory
+_UPSCALE_BUDGET = 24 << 20
 _PRUNE_STRIDES = (4, 2, 1)  # coarse-to-fine grid levels of prompt pruning
 
 
@@ -285,14 +287,15 @@ def generate(adapter, image: np.ndarray, params: AMGParams | None = None,
     prof.total_s += time.perf_counter() - t0
     prof.tiles += 1
     prof.masks += len(records)
-    covered = np.zeros((h, w), dtype=bool)
-    for r in records:
-        x0, y0, x1, y1 = r.bbox
-        covered[y0:y1, x0:x1] |= r.mask
-    if valid is not None:
-        covered &= valid
-    prof.valid_pixels += int(valid.sum()) if valid is not None else h * w
-    prof.covered_pixels += int(covered.sum())
+    if profile is not None:
+        covered = np.zeros((h, w), dtype=bool)
+        for r in records:
+            x0, y0, x1, y1 = r.bbox
+            covered[y0:y1, x0:x1] |= r.mask
+        if valid is not None:
+            covered &= valid
+        prof.valid_pixels += int(valid.sum()) if valid is not None else h * w
+        prof.covered_pixels += int(np.count_nonzero(covered))
     return records
 
 
@@ -404,18 +407,22 @@ class _CropJob:
             parts.append(self._decode_batch(points[start:start + self.batch]))
         return _Cands.join(parts)
 
-    def _call(self, pts: np.ndarray, mask_inputs=None, multimask=True):
+    def _call(self, pts: np.ndarray, mask_inputs=None, multimask=True, iou_thresh=None):
         t = time.perf_counter()
+        hint = {} if iou_thresh is None else {"iou_thresh": iou_thresh}
         logits, iou = self.adapter.decode(
             self.emb, points=pts[:, None, :], point_labels=np.ones((len(pts), 1), np.int64),
-            mask_inputs=mask_inputs, multimask=multimask)
+            mask_inputs=mask_inputs, multimask=multimask, **hint)
         self.clock.add("decode_s", t)
         self.clock.profile.decoder_calls += len(pts)
         return logits, iou
 
     def _decode_batch(self, pts: np.ndarray) -> _Cands:
         p = self.params
-        logits, iou = self._call(pts, multimask=p.multimask_output)
+        # the IoU filter comes right after this decode (after the refinement with m2m): the
+        # adapter may skip the logits of masks it will drop
+        hint = p.pred_iou_thresh if p.pred_iou_thresh > 0.0 else None
+        logits, iou = self._call_checked(pts, p.multimask_output, None if p.use_m2m else hint)
         m = iou.shape[1]
         logits, iou = logits.flatten(0, 1), iou.flatten(0, 1).float()
         pts = np.repeat(pts, m, axis=0)  # point-major, mask-minor, like the references
@@ -423,9 +430,9 @@ class _CropJob:
             # one refinement step per candidate, its clamped low-res logits as mask input
             new_logits, new_iou = [], []
             for s in range(0, len(pts), self.batch):
-                lo, io = self._call(pts[s:s + self.batch],
-                                    mask_inputs=logits[s:s + self.batch, None].clamp(-32.0, 32.0),
-                                    multimask=False)
+                lo, io = self._call_checked(
+                    pts[s:s + self.batch], False, hint,
+                    mask_inputs=logits[s:s + self.batch, None].clamp(-32.0, 32.0))
                 new_logits.append(lo[:, 0])
                 new_iou.append(io[:, 0])
             logits, iou = torch.cat(new_logits), torch.cat(new_iou).float()
@@ -433,13 +440,33 @@ class _CropJob:
         keep = torch.arange(len(iou), device=iou.device)
         if p.pred_iou_thresh > 0.0:
             keep = keep[iou > p.pred_iou_thresh]
-        out = [self._accept(logits[idx], iou[idx], pts[idx.cpu().numpy()])
-               for idx in keep.split(_UPSCALE_CHUNK)]
+        h, w = self.size
+        chunk = max(1, _UPSCALE_BUDGET // (4 * h * w))
+        iou_np, out = iou.cpu().numpy(), []
+        for idx in keep.split(chunk):
+            if not len(idx):
+                continue
+            if int(idx[-1] - idx[0]) == len(idx) - 1:  # a run: a view, no gather
+                idx = slice(int(idx[0]), int(idx[-1]) + 1)
+            else:
+                idx = idx.cpu().numpy()
+            out.append(self._accept(logits[idx], iou_np[idx], pts[idx]))
         self.clock.add("post_s", t)
         self.clock.profile.post_s -= self.clock.profile.upscale_s - upscale_before
         return _Cands.join(out)
 
-    def _accept(self, low: torch.Tensor, iou: torch.Tensor, pts: np.ndarray) -> _Cands:
+    def _call_checked(self, pts, multimask, hint, mask_inputs=None):
+        """Decode with the IoU hint; should the adapter have skipped a mask that passes the
+        filter (its own rounding of the threshold), decode again without the hint."""
+        logits, iou = self._call(pts, mask_inputs=mask_inputs, multimask=multimask,
+                                 iou_thresh=hint)
+        if hint is not None:
+            kept = iou.float() > hint
+            if kept.any() and bool(torch.isneginf(logits[kept].flatten(1).amax(1)).any()):
+                logits, iou = self._call(pts, mask_inputs=mask_inputs, multimask=multimask)
+        return logits, iou
+
+    def _accept(self, low: torch.Tensor, iou: np.ndarray, pts: np.ndarray) -> _Cands:
         """Upsample survivors of the IoU filter, score, threshold, box, keep the good ones."""
         p = self.params
         if p.min_mask_region_area > 0 and self.adapter.family in SAM2_FAMILIES:
@@ -448,43 +475,90 @@ class _CropJob:
         up = self.adapter.upscale(low, self.emb)
         self.clock.add("upscale_s", t)
         thr, off = p.mask_threshold, p.stability_score_offset
-        # Row and column maxima give each mask's box and the box of its low cut-off, so the
-        # stability counts and the mask itself only touch that window.
-        rmax, cmax = up.amax(dim=2), up.amax(dim=1)
-        rows_lo, cols_lo = ((m > thr - off).cpu().numpy() for m in (rmax, cmax))
-        rows, cols = ((m > thr).cpu().numpy() for m in (rmax, cmax))
-        iou_np = iou.float().cpu().numpy()
-        cand = []  # (index, stability, inclusive box)
-        for i in range(len(up)):
-            r, c = np.flatnonzero(rows_lo[i]), np.flatnonzero(cols_lo[i])
-            if not len(r):
-                continue  # empty at both cut-offs: NaN stability, empty mask
-            window = up[i, r[0]:r[-1] + 1, c[0]:c[-1] + 1]
-            high = int((window > thr + off).sum())
-            stab = np.float32(high) / np.float32(int((window > thr - off).sum()))
-            if p.stability_score_thresh > 0.0 and not stab >= np.float32(p.stability_score_thresh):
-                continue
-            r, c = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
-            if len(r):  # empty masks interact with nothing in NMS: dropped early
-                cand.append((i, stab, (c[0], r[0], c[-1], r[-1])))
-        if cand:
-            boxes = np.array([b for _, _, b in cand], dtype=np.int64)
-            near = box_near_crop_edge(boxes, self.crop_box, self.image_box)
-            cand = [c for c, n in zip(cand, near) if not n]
+        if up.device.type == "cpu":
+            up = up.detach().float().contiguous()
+            rmax = up.amax(dim=2).numpy()  # row maxima in torch: threaded, faster than numpy
+            up = up.numpy()
+            stab, boxes = _mask_stats(up, rmax, thr, off)
+            thr = np.float32(thr)  # numpy compares float32 maps with it as torch does
+        else:
+            stab, boxes = _mask_stats_torch(up, thr, off)
+        ok = ~np.isnan(stab)  # empty at both cut-offs: an empty mask
+        if p.stability_score_thresh > 0.0:
+            ok &= stab >= np.float32(p.stability_score_thresh)
+        ok &= boxes[:, 2] >= 0  # empty masks interact with nothing in NMS: dropped early
+        idx = np.flatnonzero(ok)
+        if len(idx):
+            idx = idx[~box_near_crop_edge(boxes[idx], self.crop_box, self.image_box)]
+        track = self.params.pruning or self.params.coverage_passes > 0
         keep, crops = [], []
-        for i, stab, (x0, y0, x1, y1) in cand:
-            crop = (up[i, y0:y1 + 1, x0:x1 + 1] > thr).cpu().numpy()
+        for i in idx:
+            x0, y0, x1, y1 = (int(v) for v in boxes[i])
+            crop = up[i, y0:y1 + 1, x0:x1 + 1] > thr
+            if isinstance(crop, torch.Tensor):
+                crop = crop.cpu().numpy()
             if self.valid is not None:
                 bad = np.count_nonzero(crop & ~self.valid[y0:y1 + 1, x0:x1 + 1])
                 if bad > p.nodata_max_fraction * np.count_nonzero(crop):
                     continue
-            self.covered[y0:y1 + 1, x0:x1 + 1] |= crop
-            keep.append((i, stab, (x0, y0, x1, y1)))
+            if track:
+                self.covered[y0:y1 + 1, x0:x1 + 1] |= crop
+            keep.append(i)
             crops.append(crop)
-        idx = np.array([k[0] for k in keep], dtype=np.int64)
-        return _Cands(crops, np.array([k[2] for k in keep], dtype=np.int64).reshape(-1, 4),
-                      iou_np[idx], np.array([k[1] for k in keep], dtype=np.float32), pts[idx],
-                      np.zeros((len(keep), 4), np.int64))
+        keep = np.asarray(keep, dtype=np.int64)
+        return _Cands(crops, boxes[keep].reshape(-1, 4), iou[keep],
+                      stab[keep], pts[keep], np.zeros((len(keep), 4), np.int64))
+
+
+def _mask_stats(u: np.ndarray, rmax: np.ndarray, thr: float, off: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Stability score (NaN when empty at both cut-offs) and the inclusive box of the mask
+    at ``thr`` ((-1, -1, -1, -1) when empty) of each (H, W) logit map of a CPU chunk.
+
+    Each count only looks at the window of its own cut-off, found from the row maxima
+    ``rmax`` (N, H) and the column maxima over the low cut's rows (no row outside them
+    exceeds any cut): the high cut's window lies inside the mask's, inside the low cut's.
+    Comparisons are in float32, like the references' tensor-with-scalar comparisons.
+    """
+    n = len(u)
+    lo_c, thr_c, hi_c = (np.float32(v) for v in (thr - off, thr, thr + off))
+    buf = np.empty(u.shape[1] * u.shape[2], dtype=bool)
+    stab = np.full(n, np.nan, dtype=np.float32)
+    boxes = np.full((n, 4), -1, dtype=np.int64)
+    for i in range(n):
+        r = np.flatnonzero(rmax[i] > lo_c)
+        if not len(r):
+            continue
+        cmax = u[i, r[0]:r[-1] + 1].max(axis=0)
+        counts = []
+        for cut in (lo_c, hi_c):
+            r, c = np.flatnonzero(rmax[i] > cut), np.flatnonzero(cmax > cut)
+            if not len(r):
+                counts.append(0)
+                continue
+            win = u[i, r[0]:r[-1] + 1, c[0]:c[-1] + 1]
+            b = buf[:win.size].reshape(win.shape)
+            np.greater(win, cut, out=b)
+            counts.append(np.count_nonzero(b))
+        if counts[0]:
+            stab[i] = np.float32(counts[1]) / np.float32(counts[0])
+        r, c = np.flatnonzero(rmax[i] > thr_c), np.flatnonzero(cmax > thr_c)
+        if len(r):
+            boxes[i] = (c[0], r[0], c[-1], r[-1])
+    return stab, boxes
+
+
+def _mask_stats_torch(up: torch.Tensor, thr: float, off: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """_mask_stats for a chunk on an accelerator: whole-chunk reductions, no per-mask loop."""
+    up = up.float()
+    high = (up > thr + off).flatten(1).sum(1)
+    low = (up > thr - off).flatten(1).sum(1)
+    stab = (high.float() / low.float()).cpu().numpy()  # 0 / 0: NaN
+    boxes = masks_to_boxes(up > thr).cpu().numpy()
+    empty = ~(up.flatten(1).amax(1) > thr).cpu().numpy()
+    boxes[empty] = -1
+    return stab, boxes
 
 
 def _prune_levels(points: np.ndarray) -> np.ndarray:

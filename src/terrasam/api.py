@@ -21,7 +21,7 @@ LABEL_BLOCK = 1024  # label raster written in blocks of this many pixels a side
 # GDAL's block cache defaults to 5 % of RAM and fills with the whole raster's blocks as tiles
 # stream by, so memory would grow with the raster; a fixed cache keeps it flat (MB; a
 # GDAL_CACHEMAX set by the user wins)
-GDAL_CACHE_MB = 128
+GDAL_CACHE_MB = 64
 
 
 def _pixels_to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:

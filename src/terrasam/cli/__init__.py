@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import click
@@ -49,6 +48,3 @@ class _LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="terrasam")
 def main():
     """Segment Anything on georeferenced rasters, delivered as GIS vectors."""
-    # GDAL's block cache defaults to 5 % of RAM per process; tile streaming needs far less,
-    # and a bounded cache keeps memory flat on huge rasters. A user's setting wins.
-    os.environ.setdefault("GDAL_CACHEMAX", "256")

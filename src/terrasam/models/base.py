@@ -43,6 +43,16 @@ class Adapter(ABC):
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
 
+    def _setup(self, model, spec, device, dtype) -> None:
+        """Common state of adapters wrapping a transformers model (moved to device/dtype)."""
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.spec = spec
+        self.model_id = spec.model_id
+        self.family = spec.family
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.mask_threshold = 0.0
+
     @abstractmethod
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an (H, W, 3) uint8 RGB image."""
@@ -64,7 +74,8 @@ class Adapter(ABC):
         (B, N) int, 1 foreground, 0 background, -1 padding; boxes: (B, 4) xyxy pixels;
         mask_inputs: (B, 1, 256, 256) low-resolution logits from an earlier decode.
         Returns (low_res_logits (B, M, 256, 256) float32, predicted_iou (B, M) float32),
-        M = 3 when multimask else 1, both on ``self.device``.
+        M = 3 when multimask else 1 (SAM-HQ: always 1, as Meta's predictor), both on
+        ``self.device``.
         iou_thresh: a hint that masks whose predicted IoU is below it will be discarded; an
         adapter may skip computing their logits and return them as -inf.
         """

@@ -355,16 +355,10 @@ class SamAdapter(Adapter):
     """SAM or SAM-HQ through transformers, with segment_anything's pre- and postprocessing."""
 
     def __init__(self, model, spec: ModelSpec, device, dtype):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.spec = spec
-        self.model_id = spec.model_id
-        self.family = spec.family
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self._setup(model, spec, device, dtype)
         cfg = model.config
         self.image_size = int(cfg.vision_config.image_size)
         self.low_res_size = 4 * int(cfg.prompt_encoder_config.image_embedding_size)
-        self.mask_threshold = 0.0
         self._hq = self.family == "sam_hq"
         self._mean = torch.tensor(PIXEL_MEAN, device=self.device).view(3, 1, 1)
         self._std = torch.tensor(PIXEL_STD, device=self.device).view(3, 1, 1)
@@ -453,7 +447,8 @@ class SamAdapter(Adapter):
                 out["hq_features"] = self._hq_features(embedding)
             return out
 
-        return self._cache.get(embedding, make)
+        with torch.inference_mode():
+            return self._cache.get(embedding, make)
 
     def _hq_features(self, embedding) -> torch.Tensor:
         dec = self.model.mask_decoder
@@ -488,7 +483,9 @@ class SamAdapter(Adapter):
             iou = iou_all[:, 1:n_sam]
             order = torch.arange(1, n_sam, device=iou.device).expand(b, -1)
             if self._hq:
-                iou, idx = torch.sort(iou, dim=1, descending=True)
+                # Meta's SAM-HQ returns ONE mask with multimask: the best of masks 1..3 by
+                # predicted IoU, plus the HQ mask (transformers returns all three, sorted)
+                iou, idx = torch.max(iou, dim=1, keepdim=True)
                 order = idx + 1
         else:
             iou = iou_all[:, :1]

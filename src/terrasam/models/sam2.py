@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from terrasam.errors import TerrasamError
+from terrasam.models import fast_decoder as fd
 from terrasam.models.base import Adapter, Embedding
 from terrasam.models.registry import MODELS, ModelSpec
 
@@ -396,16 +397,10 @@ class Sam2Adapter(Adapter):
     """SAM 2 / 2.1 through transformers, with sam2's SAM2ImagePredictor pre- and postprocessing."""
 
     def __init__(self, model, spec: ModelSpec, device, dtype):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.spec = spec
-        self.model_id = spec.model_id
-        self.family = spec.family
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self._setup(model, spec, device, dtype)
         cfg = model.config
         self.image_size = int(cfg.prompt_encoder_config.image_size)
         self.low_res_size = 4 * (self.image_size // int(cfg.prompt_encoder_config.patch_size))
-        self.mask_threshold = 0.0
         with torch.no_grad():
             # Meta's model has one Fourier matrix for prompts and the image-wide encoding;
             # transformers keeps a copy, which random weights may leave different.
@@ -413,6 +408,7 @@ class Sam2Adapter(Adapter):
                 model.prompt_encoder.shared_embedding.positional_embedding)
         with torch.inference_mode():
             self._image_pe = model.get_image_wide_positional_embeddings()
+        self._cache = fd.SideCache()
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> Embedding:
@@ -449,8 +445,13 @@ class Sam2Adapter(Adapter):
 
     @torch.inference_mode()
     def decode(self, embedding, points=None, point_labels=None, boxes=None, mask_inputs=None,
-               multimask=True):
-        """Decode B prompts against one embedding: ((B, M, 256, 256) logits, (B, M) IoU)."""
+               multimask=True, iou_thresh=None):
+        """Decode B prompts against one embedding: ((B, M, 256, 256) logits, (B, M) IoU).
+
+        With iou_thresh, masks whose predicted IoU is below it come back as -inf logits and
+        prompts without any such mask skip the mask upscaling. (Single-mask output with
+        dynamic selection: a prompt whose single-mask and best multimask IoU are both below
+        it is skipped, and its IoU is the single-mask token's.)"""
         coords, labels = self._prompts(embedding, points, point_labels, boxes)
         model, dev = self.model, self.device
         if mask_inputs is not None:
@@ -476,43 +477,71 @@ class Sam2Adapter(Adapter):
                                             antialias=True).to(self.dtype)
             dense = pe.mask_embed(mask_inputs)
         else:
-            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        logits, iou = self._run_decoder(embedding, sparse.to(self.dtype), dense, multimask)
+            dense = None  # the no-mask embedding: per-image work is shared and cached
+        logits, iou = self._run_decoder(embedding, sparse.to(self.dtype), dense, multimask,
+                                        iou_thresh)
         return logits.float(), iou.float()
 
-    def _run_decoder(self, embedding, sparse, dense, multimask):
-        """transformers' Sam2MaskDecoder.forward with the prompts as the batch and the image
-        features broadcast instead of copied per prompt."""
+    def _per_image(self, embedding) -> dict:
+        """Decoder work that depends only on the image, once per embedding."""
+
+        def make():
+            dec, pe = self.model.mask_decoder, self._image_pe.to(self.dtype)
+            no_mask = self.model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            feat_s0, feat_s1 = embedding.extra["high_res"]
+            return {"pe": pe,
+                    "side": fd.image_side(dec.transformer, embedding.features + no_mask, pe),
+                    "head": fd.mask_head(dec, feat_s0, feat_s1)}
+
+        with torch.inference_mode():
+            return self._cache.get(embedding, make)
+
+    def _run_decoder(self, embedding, sparse, dense, multimask, iou_thresh=None):
+        """transformers' Sam2MaskDecoder.forward with the prompts as the batch, per-image work
+        shared (terrasam.models.fast_decoder) and, with iou_thresh, only the surviving masks
+        upscaled. Like the official SAM2ImagePredictor, the object score is not applied."""
         dec = self.model.mask_decoder
         b = sparse.shape[0]
-        image = embedding.features + dense  # (1 or B, C, h, w)
-        _, c, h, w = image.shape
-        image = image.expand(b, c, h, w)
+        per = self._per_image(embedding)
+        side = per["side"] if dense is None else fd.image_side(
+            dec.transformer, embedding.features + dense, per["pe"])
         tokens = torch.cat([dec.obj_score_token.weight, dec.iou_token.weight,
-                            dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([tokens.expand(b, 1, -1, -1), sparse], dim=2)
-        pos = self._image_pe.to(image.dtype).expand(b, -1, -1, -1)
-        tokens_out, image_out = dec.transformer(point_embeddings=tokens, image_embeddings=image,
-                                                image_positional_embeddings=pos,
-                                                attention_similarity=None)
-        iou_token = tokens_out[:, :, 1, :]
-        mask_tokens = tokens_out[:, :, 2 : 2 + dec.num_mask_tokens, :]
-        image_out = image_out.transpose(2, 3).reshape(b, c, h, w)
-        feat_s0, feat_s1 = embedding.extra["high_res"]
-        up = dec.activation(dec.upscale_layer_norm(dec.upscale_conv1(image_out) + feat_s1))
-        up = dec.activation(dec.upscale_conv2(up) + feat_s0)
-        hyper = torch.stack([mlp(mask_tokens[:, :, i, :])
-                             for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=2)
-        _, uc, uh, uw = up.shape
-        masks = (hyper @ up.reshape(b, 1, uc, uh * uw)).reshape(b, 1, -1, uh, uw)
-        iou = dec.iou_prediction_head(iou_token)
+                            dec.mask_tokens.weight], dim=0).to(self.dtype)
+        tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse[:, 0]], dim=1)
+        queries, keys = fd.two_way(dec.transformer, tokens.contiguous(), side)
+        iou_all = dec.iou_prediction_head(queries[:, 1])  # (B, 4)
+        dynamic = not multimask and dec.dynamic_multimask_via_stability
         if multimask:
-            masks, iou = masks[:, :, 1:], iou[:, :, 1:]
-        elif dec.dynamic_multimask_via_stability:
-            masks, iou = dec._dynamic_multimask_via_stability(masks, iou)
+            iou, wanted = iou_all[:, 1:], list(range(1, dec.num_mask_tokens))
+        elif dynamic:
+            iou, wanted = iou_all[:, :1], list(range(dec.num_mask_tokens))
         else:
-            masks, iou = masks[:, :, :1], iou[:, :, :1]
-        return masks[:, 0], iou[:, 0]
+            iou, wanted = iou_all[:, :1], [0]
+        if iou_thresh is None:
+            keep = torch.ones_like(iou, dtype=torch.bool)
+            sel = torch.arange(b, device=iou.device)
+        else:
+            keep = iou >= iou_thresh
+            best = iou_all[:, 1:].amax(1, keepdim=True) if dynamic else iou
+            sel = ((iou >= iou_thresh) | (best >= iou_thresh)).any(1).nonzero()[:, 0]
+        h, w = embedding.features.shape[-2:]
+        logits = torch.full((b, iou.shape[1], 4 * h, 4 * w), float("-inf"), dtype=queries.dtype,
+                            device=queries.device)
+        if len(sel):
+            tok = queries[sel]
+            hyper = torch.stack([dec.output_hypernetworks_mlps[i](tok[:, 2 + i]) for i in wanted],
+                                dim=1)
+            ks = keys[sel] if keys.shape[0] == b else keys.expand(len(sel), -1, -1)
+            out = fd.mask_logits(per["head"], ks, hyper, (h, w))
+            if dynamic:
+                out, chosen = dec._dynamic_multimask_via_stability(out[:, None],
+                                                                   iou_all[sel][:, None])
+                out, iou = out[:, 0], iou.clone()
+                iou[sel] = chosen[:, 0]
+                if iou_thresh is not None:
+                    keep[sel] = iou[sel] >= iou_thresh
+            logits[sel] = torch.where(keep[sel, :, None, None], out, float("-inf"))
+        return logits, iou
 
     @torch.inference_mode()
     def upscale(self, low_res_logits: torch.Tensor, embedding: Embedding) -> torch.Tensor:

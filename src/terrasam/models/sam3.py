@@ -128,14 +128,8 @@ class Sam3Adapter(Adapter):
     """SAM 3 concept segmentation: every instance of a text concept in a tile."""
 
     def __init__(self, model, spec: ModelSpec, device, dtype, tokenizer=None):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.spec = spec
-        self.model_id = spec.model_id
-        self.family = spec.family
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self._setup(model, spec, device, dtype)
         self.image_size = int(model.config.vision_config.backbone_config.image_size)
-        self.mask_threshold = 0.0
         self._folder = _model_folder(model)
         self._mean, self._std = _image_stats(self._folder)
         self._tokenizer = tokenizer
