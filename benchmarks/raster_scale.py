@@ -86,7 +86,8 @@ def child(args) -> None:
     if args.model == "oracle":
         from oracle import OracleAdapter
 
-        kw.update(adapter=OracleAdapter(background=BACKGROUND, flat=True), points_per_side=8,
+        kw.update(adapter=OracleAdapter(background=BACKGROUND, flat=True),
+                  points_per_side=args.oracle_points,
                   points_per_batch=8)
     elif args.model == "full":
         kw.update(checkpoint=args.checkpoint, device="cpu", dtype="float32",
@@ -111,6 +112,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="2000,8000")
     ap.add_argument("--models", default="oracle,tiny")
     ap.add_argument("--tile-size", type=int, default=1024)
+    ap.add_argument("--oracle-points", type=int, default=8,
+                    help="oracle runs: points per tile side (fewer: faster, same memory pattern)")
     ap.add_argument("--dir", default=str(HERE.parent / ".bench"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -142,7 +145,7 @@ def main() -> None:
             raster = write_scene(work / f"scene_{size}.tif", size)
             cmd = [sys.executable, __file__, "--child", "--model", model, "--raster",
                    str(raster), "--output", str(work / f"out_{model}_{size}.gpkg"),
-                   "--tile-size", str(args.tile_size),
+                   "--tile-size", str(args.tile_size), "--oracle-points", str(args.oracle_points),
                    "--checkpoint", str(ckpts.get(model, ckpts["tiny"]))]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -329,3 +329,17 @@ def test_progress_plain_lines_and_quiet():
     with Progress(3, quiet=True, stream=quiet) as bar:
         bar.update(3)
     assert quiet.getvalue() == ""
+
+
+def test_fast_mode_runs_a_real_model_in_bfloat16(tmp_path):
+    from terrasam.io import read_provenance
+    from terrasam.testing import random_checkpoint
+
+    ckpt = random_checkpoint("sam-vit-b", tmp_path / "ckpt", size="tiny", seed=0)
+    scene = synth.make_scene(160, 160, path=tmp_path / "s.tif")
+    out = tmp_path / "fast.gpkg"
+    api.segment(scene.path, out, checkpoint=ckpt, fast=True, points_per_side=4,
+                pred_iou_thresh=0.0, stability_score_thresh=0.0, quiet=True)
+    prov = read_provenance(out)
+    assert "bfloat16" in json.dumps(prov)
+    assert prov["parameters"]["amg"]["fast"] is True

@@ -120,6 +120,10 @@ def segment(raster, output, *, model=None, checkpoint=None, label_raster=None, b
         if adapter is None:
             from terrasam.models import load_model
 
+            fast = amg_params.get("fast") or (
+                amg.get("fast") if isinstance(amg, dict) else getattr(amg, "fast", False))
+            if fast and dtype == "auto":
+                dtype = "bfloat16"  # fast mode promises speed, not bit-parity
             adapter = load_model(model, checkpoint, device=device, dtype=dtype, compile=compile)
         params = _amg_params(adapter.family, amg, amg_params)
         size = int(tile_size) if tile_size is not None else int(adapter.image_size)

@@ -948,9 +948,11 @@ def prompt(raster, output=None, points=None, boxes=None, text=None, *, crs=None,
                 label_field=label_field, group_field=group_field, warn=warn)
             live = clip_prompts(prompts, reader.width, reader.height, report)
             if not live:
+                which = "the prompt falls" if len(prompts) == 1 else \
+                    f"all {len(prompts)} prompts fall"
                 raise TerrasamError(
-                    f"all {len(prompts)} prompts fall outside the raster "
-                    f"({_raster_bounds_text(reader)}); check their CRS (--crs).")
+                    f"{which} outside the raster ({_raster_bounds_text(reader)}); "
+                    "check their CRS (--crs).")
         if adapter is None:
             from terrasam.models import load_model
 
