@@ -192,8 +192,12 @@ def test_failed_write_leaves_nothing(tmp_path, gdf, provenance, monkeypatch, ext
 
 
 def test_failed_parquet_write_leaves_nothing(tmp_path, gdf, provenance, monkeypatch):
-    monkeypatch.setattr(gpd.GeoDataFrame, "to_parquet",
-                        lambda self, path, **kw: _failing_ogr(path))
+    import pyarrow.parquet as pq
+
+    def failing(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", failing)
     with pytest.raises(TerrasamError, match="could not write"):
         tio.write_vectors(gdf, tmp_path / "objects.parquet", provenance)
     assert leftovers(tmp_path) == ["scene.tif"]

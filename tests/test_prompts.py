@@ -11,9 +11,10 @@ from pyproj import Transformer
 
 import synth
 from oracle import OracleAdapter
+from terrasam.api import prompt
 from terrasam.cli import main
 from terrasam.errors import TerrasamError
-from terrasam.prompts import WindowPlan, parse_box, parse_point, plan_window, prompt
+from terrasam.prompts import WindowPlan, parse_box, parse_point, plan_window
 
 # default_shapes on 256 x 256: 1 rect, 2 ring (with hole), 3 diagonal band, 4 diamond, 5 rect
 SIZE = 256
@@ -311,7 +312,8 @@ def test_text_over_several_tiles_is_stitched(scene):
     """A fake SAM 3 answering "rect" with the colour components of the rectangles."""
 
     class TextOracle(OracleAdapter):
-        def segment_text(self, image, text, score_threshold=0.5, mask_threshold=0.5):
+        def segment_text(self, image, text, score_threshold=0.5, mask_threshold=0.5,
+                         embedding=None):
             self.text_calls = getattr(self, "text_calls", 0) + 1
             out = []
             for i in (1, 5):

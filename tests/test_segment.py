@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import synth
 from oracle import OracleAdapter
 from terrasam import api
-from terrasam.engines.local import WorkDir
+from terrasam.engines.workdir import WorkDir
 from terrasam.errors import TerrasamError
 from terrasam.vectorize import labels_to_geometries
 

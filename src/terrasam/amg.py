@@ -43,6 +43,7 @@ from terrasam.amg_utils import (
     sample_uncovered_points,
 )
 from terrasam.errors import TerrasamError
+from terrasam.tiling import MaskRecord, TileProfile
 
 SAM2_FAMILIES = ("sam2", "sam3")
 # bytes of upsampled logits per chunk: under glibc's 32 MiB mmap ceiling, so that each
@@ -164,58 +165,26 @@ def _is_numeric(g) -> bool:
         return False
 
 
-@dataclass
-class MaskRecord:
-    """One object of one tile. ``mask`` is cropped to ``bbox`` (x0, y0, x1, y1), exclusive
-    x1/y1, in tile pixels; ``point`` (x, y) is the prompt that made it."""
-
-    mask: np.ndarray
-    bbox: tuple[int, int, int, int]
-    area: int
-    predicted_iou: float
-    stability_score: float
-    point: tuple[float, float]
-    crop_box: tuple[int, int, int, int]
-
-    def full_mask(self, h: int, w: int) -> np.ndarray:
-        """The mask on an (h, w) canvas."""
-        out = np.zeros((h, w), dtype=bool)
-        x0, y0, x1, y1 = self.bbox
-        out[y0:y1, x0:x1] = self.mask
-        return out
+# the profile is shared by every tile job; the generator's historical name stays
+AMGProfile = TileProfile
 
 
-@dataclass
-class AMGProfile:
-    """Where the time went, summed over every generate() call it was passed to."""
+@dataclass(frozen=True)
+class AmgJob:
+    """The tile job of ``segment``: automatic mask generation with ``params``."""
 
-    embed_s: float = 0.0
-    decode_s: float = 0.0
-    upscale_s: float = 0.0
-    post_s: float = 0.0
-    total_s: float = 0.0
-    tiles: int = 0
-    embed_calls: int = 0
-    decoder_calls: int = 0  # prompts decoded (refinement decodes included)
-    masks: int = 0
-    valid_pixels: int = 0
-    covered_pixels: int = 0
+    params: AMGParams
+    concepts: tuple[str, ...] = ("auto",)
 
-    @property
-    def coverage(self) -> float:
-        """Share of valid pixels inside at least one mask."""
-        return self.covered_pixels / self.valid_pixels if self.valid_pixels else 0.0
+    def __call__(self, adapter, rgb, valid, profile: TileProfile | None = None
+                 ) -> list[MaskRecord]:
+        return generate(adapter, rgb, self.params, valid=valid, profile=profile)
 
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["coverage"] = self.coverage
-        return d
+    def describe(self) -> dict:
+        return {"job": "amg", "amg": dataclasses.asdict(self.params)}
 
-    def __str__(self) -> str:
-        return (f"total {self.total_s:.2f}s: embed {self.embed_s:.2f}s, decode {self.decode_s:.2f}s,"
-                f" upscale {self.upscale_s:.2f}s, post {self.post_s:.2f}s; "
-                f"{self.decoder_calls} prompts decoded, {self.masks} masks, "
-                f"coverage {100 * self.coverage:.1f}%")
+    def new_profile(self) -> TileProfile:
+        return TileProfile()
 
 
 @dataclass
@@ -288,14 +257,7 @@ def generate(adapter, image: np.ndarray, params: AMGParams | None = None,
     prof.tiles += 1
     prof.masks += len(records)
     if profile is not None:
-        covered = np.zeros((h, w), dtype=bool)
-        for r in records:
-            x0, y0, x1, y1 = r.bbox
-            covered[y0:y1, x0:x1] |= r.mask
-        if valid is not None:
-            covered &= valid
-        prof.valid_pixels += int(valid.sum()) if valid is not None else h * w
-        prof.covered_pixels += int(np.count_nonzero(covered))
+        prof.count_coverage(records, valid, (h, w))
     return records
 
 

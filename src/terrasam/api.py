@@ -1,38 +1,25 @@
-"""The Python entry points: ``segment()`` (everything in a raster) and ``prompt()``."""
+"""The Python entry points: ``segment()`` (everything in a raster) and ``prompt()``.
+
+Each checks its arguments, wires the stages (reader, model reference, tile job, pipeline,
+writers, pictures) and records provenance; the work itself lives in the stage modules.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import shapely
-from affine import Affine
 
 from terrasam.errors import TerrasamError
-from terrasam.prompts import prompt
 
 __all__ = ["segment", "prompt"]
 
-LABEL_BLOCK = 1024  # label raster written in blocks of this many pixels a side
-# GDAL's block cache defaults to 5 % of RAM and fills with the whole raster's blocks as tiles
-# stream by, so memory would grow with the raster; a fixed cache keeps it flat (MB; a
-# GDAL_CACHEMAX set by the user wins)
-GDAL_CACHE_MB = 64
-
-
-def _pixels_to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
-    """Processing-grid pixel coordinates -> CRS coordinates (exact affine, vectorised)."""
-    t = transform
-
-    def forward(xy):
-        x, y = xy[:, 0], xy[:, 1]
-        return np.column_stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f])
-
-    return shapely.transform(geoms, forward)
+PathLike = str | os.PathLike
 
 
 def _input_identity(path) -> dict:
@@ -53,156 +40,446 @@ def _amg_params(family: str, amg, overrides: dict):
     return AMGParams.for_family(family, **merged)
 
 
-def _write_labels(path, objects, kept_ids, grid, crs, overwrite, provenance) -> None:
-    """Burn each kept object's exact pixel mask with its id, block by block (small on top)."""
-    from rasterio import features
-
-    from terrasam.io import LabelRasterWriter
-
-    geoms = np.array([o.geometry for o in objects], dtype=object)
-    bounds = shapely.bounds(geoms) if len(geoms) else np.zeros((0, 4))
-    order = np.argsort(-shapely.area(geoms), kind="stable") if len(geoms) else np.zeros(0, int)
-    geoms, bounds, ids = geoms[order], bounds[order], np.asarray(kept_ids, np.int64)[order]
-    with LabelRasterWriter(path, grid.width, grid.height, grid.transform, crs, dtype="uint32",
-                           overwrite=overwrite, provenance=provenance) as writer:
-        for r0 in range(0, grid.height, LABEL_BLOCK):
-            h = min(LABEL_BLOCK, grid.height - r0)
-            for c0 in range(0, grid.width, LABEL_BLOCK):
-                w = min(LABEL_BLOCK, grid.width - c0)
-                hit = ((bounds[:, 0] < c0 + w) & (bounds[:, 2] > c0)
-                       & (bounds[:, 1] < r0 + h) & (bounds[:, 3] > r0))
-                block = np.zeros((h, w), np.uint32)
-                if hit.any():
-                    features.rasterize(zip(geoms[hit], ids[hit].tolist()), out=block,
-                                       transform=Affine.translation(c0, r0))
-                writer.write(block, (c0, r0, w, h))
+def _is_fast(amg, amg_params: dict) -> bool:
+    return bool(amg_params.get("fast") or (
+        amg.get("fast") if isinstance(amg, dict) else getattr(amg, "fast", False)))
 
 
-def segment(raster, output, *, model=None, checkpoint=None, label_raster=None, bands=None,
-            nodata=None, scale="percentile", tile_size=None, overlap=None, gsd=None, amg=None,
-            simplify=None, min_area=None, fill_holes=None, device="auto", dtype="auto",
-            compile=False, workdir=None, keep_workdir=False, overwrite=False, quiet=False,
-            adapter=None, merge_iou=0.5, merge_ios=0.8, **amg_params):
+@dataclasses.dataclass
+class _Tiled:
+    """What one tiled run needs besides its job: the reader, grid, model and run settings."""
+
+    reader: Any
+    src: Path
+    grid: Any
+    tiles: list
+    model: Any  # ModelRef
+    adapter: Any  # the adapter loaded in this process (its ids and sizes)
+    scale: str
+    gsd: float | None
+    workdir: Any  # WorkDir or None
+    engine: Any = "local"
+    merge_iou: float = 0.5
+    merge_ios: float = 0.8
+    quiet: bool = False
+
+
+def _work_params(run: _Tiled, job) -> dict:
+    """Everything that decides a tile's result: the work directory's key."""
+    a, grid = run.adapter, run.grid
+    return {"input": _input_identity(run.src), "bands": run.reader.band_indexes,
+            "nodata": run.reader.nodata, "scale": run.scale, "tile_size": grid.tile_size,
+            "overlap": grid.overlap, "gsd": run.gsd, "grid": [grid.width, grid.height],
+            "model": a.model_id, "checkpoint": a.checkpoint,
+            "checkpoint_sha256": a.checkpoint_sha256, "dtype": str(a.dtype), **job.describe()}
+
+
+def _open_workdir(path, run: _Tiled, job):
+    from terrasam.engines.workdir import WorkDir
+
+    return WorkDir(path, _work_params(run, job)) if path is not None else None
+
+
+def _summary(stats, run: _Tiled) -> dict:
+    t = stats.timings
+    profile = t.profile.as_dict() if t.profile is not None else None
+    return {"tiles": stats.tiles, "tiles_run": t.tiles_run, "tiles_resumed": t.tiles_resumed,
+            "grid": [run.grid.width, run.grid.height], "tile_size": run.grid.tile_size,
+            "overlap": run.grid.overlap, "gsd": run.gsd, "model_s": t.model,
+            "read_wait_s": t.read_wait, "spill_s": t.spill, "stitch_s": stats.stitch_s,
+            "peak_held_pixels": stats.peak_held_pixels, "amg": profile,
+            "coverage": profile["coverage"] if profile else None}
+
+
+def _stream(frames, writer, collect: bool) -> tuple[list, Any]:
+    """Write frames as they come; keep them only when ``collect``. Returns (kept, schema)."""
+    kept, schema = [], None
+    for frame in frames:
+        if schema is None:
+            schema = frame.iloc[:0]
+        if writer is not None:
+            writer.write(frame)
+        if collect and len(frame):
+            kept.append(frame)
+    return kept, schema
+
+
+def _frame_of(kept: list, schema):
+    import pandas as pd
+
+    if not kept:
+        return schema.copy()
+    frame = kept[0] if len(kept) == 1 else pd.concat(kept, ignore_index=True)
+    return frame.set_crs(schema.crs, allow_override=True) if schema.crs else frame
+
+
+def _pictures(reader, vectors, preview, map_, overwrite: bool) -> None:
+    from terrasam import viz
+
+    if preview is not None:
+        viz.write_preview(reader, vectors, preview, overwrite=overwrite)
+    if map_ is not None:
+        viz.write_map(reader, vectors, map_, overwrite=overwrite)
+
+
+def segment(
+    raster: PathLike,
+    output: PathLike,
+    *,
+    model: str | None = None,
+    checkpoint: PathLike | None = None,
+    label_raster: PathLike | None = None,
+    preview: PathLike | None = None,
+    map: PathLike | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    scale: str = "percentile",
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    gsd: float | None = None,
+    amg: Any = None,
+    simplify: str | float | None = None,
+    min_area: str | float | None = None,
+    fill_holes: str | float | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    compile: bool = False,
+    engine: Any = "local",
+    workdir: PathLike | None = None,
+    keep_workdir: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    return_frame: bool = True,
+    adapter: Any = None,
+    merge_iou: float = 0.5,
+    merge_ios: float = 0.8,
+    **amg_params: Any,
+):
     """Segment everything in a raster, tiled and stitched, and write one polygon per object.
 
-    ``amg`` (an AMGParams or a dict) and any extra keyword (upstream names such as
-    ``points_per_side``, ``pred_iou_thresh``) set the automatic mask generator. ``tile_size``
-    defaults to the model's input size, ``overlap`` to a quarter of it (256 px at 1024).
-    ``gsd`` (metres) resamples on read. ``adapter`` is an already loaded model (then
-    ``model``/``checkpoint``/``device``/``dtype`` are ignored). Finished tiles are kept in
-    ``workdir`` (default ``OUTPUT.terrasam-work`` beside the output) so that the same call
-    after a kill resumes; it is removed on success unless ``keep_workdir``.
+    Parameters:
+        raster: the input raster (anything rasterio opens).
+        output: the vector output; its extension picks the format (.gpkg, .shp, .parquet,
+            .geojson, .fgb, .kml).
+        model: a model id (``terrasam models``); default sam2.1-hiera-tiny.
+        checkpoint: local weights instead (a Hugging Face folder or a Meta .pth/.pt).
+        label_raster: also write a label COG whose pixels are the object ids.
+        preview: also write a PNG of the objects over the image.
+        map: also write a self-contained HTML map.
+        bands: 1-based bands used as RGB, e.g. (4, 3, 2); default: RGB or the first three.
+        nodata: a nodata value overriding the file's.
+        scale: scaling to 8 bit from whole-raster statistics: percentile, minmax or none.
+        tile_size: tile size in processing pixels; default the model's input size.
+        overlap: overlap between tiles; default a quarter of the tile.
+        gsd: resample on read to this ground sample distance (metres).
+        amg: automatic mask generator settings (an AMGParams or a dict).
+        simplify: simplify tolerance in pixels, or with a unit ("0.5m").
+        min_area: drop parts smaller than this (pixels, or "20m2").
+        fill_holes: fill holes smaller than this (pixels, or "5m2").
+        device: auto, cpu, cuda, cuda:N or mps.
+        dtype: auto, float32, bfloat16 or float16.
+        compile: torch.compile the model.
+        engine: "local" (this process) or an engine object.
+        workdir: where finished tiles are kept so that the same call resumes after a kill;
+            default ``OUTPUT.terrasam-work``.
+        keep_workdir: keep the work directory after success.
+        overwrite: replace existing outputs.
+        quiet: no progress output.
+        return_frame: return the objects as a GeoDataFrame; False keeps memory flat in the
+            number of objects (the frame returned then only has the columns).
+        adapter: an already loaded model (then model/checkpoint/device/dtype are unused).
+        merge_iou, merge_ios: how alike two parts in a tile overlap must be to merge.
+        **amg_params: generator options under their upstream names (points_per_side,
+            pred_iou_thresh, ...), ``fast``, ``coverage_passes``.
+
     Returns the GeoDataFrame written; ``gdf.attrs["terrasam"]`` holds a run summary.
     """
-    from terrasam import io
-    from terrasam.engines.local import Timings, WorkDir, run_tiles
-    from terrasam.progress import Progress
+    from terrasam import io, pipeline
+    from terrasam.amg import AmgJob
+    from terrasam.models.ref import ModelRef
     from terrasam.raster import open_raster
-    from terrasam.stitch import Stitcher, assign_ids
-    from terrasam.tiling import make_grid
-    from terrasam.vectorize import clean, to_frame
 
     started = time.perf_counter()
-    out = io.check_output(output, overwrite)
-    label_out = io.check_output(label_raster, overwrite, kind="raster") if label_raster else None
+    outs = io.check_outputs({"vector": output, "raster": label_raster, "preview": preview,
+                             "map": map}, overwrite, input=raster)
+    out, label_out = outs["vector"], outs.get("raster")
     src = Path(raster).expanduser()
-    for target in filter(None, (out, label_out)):
-        if src.exists() and target.exists() and os.path.samefile(src, target):
-            raise TerrasamError(f"the output {target} is the input raster")
-    if label_out is not None and label_out.resolve() == out.resolve():
-        raise TerrasamError("the label raster and the vector output are the same file")
+    ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
+                           fast=_is_fast(amg, amg_params), adapter=adapter)
+    with pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
+                                          scale=scale) as reader:
+        loaded = ref.load()
+        job = AmgJob(_amg_params(loaded.family, amg, amg_params))
+        grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
+        run = _Tiled(reader, src, grid, tiles, ref, loaded, scale, gsd, None, engine,
+                     merge_iou, merge_ios, quiet)
+        run.workdir = _open_workdir(Path(workdir) if workdir else
+                                    out.with_name(out.name + ".terrasam-work"), run, job)
+        stats = pipeline.RunStats()
+        model_id = loaded.model_id
 
-    import rasterio
+        def columns(concepts, objects):
+            n = len(objects)
+            return {"predicted_iou": np.array([o.predicted_iou for o in objects], np.float64),
+                    "stability_score": np.array([o.stability_score for o in objects],
+                                                np.float64),
+                    "model": np.array([model_id] * n, dtype=object),
+                    "prompt": np.array(["auto"] * n, dtype=object),
+                    "tiles": np.array([o.n_tiles for o in objects], np.int64)}
 
-    cache = ({} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB})
-    with rasterio.Env(**cache), open_raster(src, bands=bands, nodata=nodata,
-                                             scale=scale) as reader:
-        if adapter is None:
-            from terrasam.models import load_model
-
-            fast = amg_params.get("fast") or (
-                amg.get("fast") if isinstance(amg, dict) else getattr(amg, "fast", False))
-            if fast and dtype == "auto":
-                dtype = "bfloat16"  # fast mode promises speed, not bit-parity
-            adapter = load_model(model, checkpoint, device=device, dtype=dtype, compile=compile)
-        params = _amg_params(adapter.family, amg, amg_params)
-        size = int(tile_size) if tile_size is not None else int(adapter.image_size)
-        ovl = int(overlap) if overlap is not None else size // 4
-        grid = make_grid(reader.width, reader.height, reader.transform, tile_size=size,
-                         overlap=ovl, gsd=gsd, res=reader.ground_res if gsd else None)
-        tiles = grid.with_data(reader)
-
-        run_params = {
-            "input": _input_identity(src), "bands": reader.band_indexes,
-            "nodata": reader.nodata, "scale": scale, "tile_size": size, "overlap": ovl,
-            "gsd": gsd, "grid": [grid.width, grid.height],
-            "model": adapter.model_id, "checkpoint": adapter.checkpoint,
-            "checkpoint_sha256": adapter.checkpoint_sha256, "dtype": str(adapter.dtype),
-            "amg": dataclasses.asdict(params),
-        }
-        work = WorkDir(Path(workdir) if workdir else out.with_name(out.name + ".terrasam-work"),
-                       run_params)
-        resumed = sum(work.tile_path(t).exists() for t in tiles)
-        timings = Timings()
-        stitcher = Stitcher(tiles, grid.width, grid.height, merge_iou=merge_iou,
-                            merge_ios=merge_ios)
-        objects = []
-        t_stitch = 0.0
-        with Progress(len(tiles), "tiles", quiet=quiet, initial=resumed) as progress:
-            for tile, records in run_tiles(tiles, reader, lambda: adapter, params, workdir=work,
-                                           progress=progress, timings=timings):
-                t0 = time.perf_counter()
-                objects.extend(stitcher.add_tile(tile, records))
-                t_stitch += time.perf_counter() - t0
-        objects.extend(stitcher.finish())
-        objects = assign_ids(objects)
-        crs = reader.crs
-
-    # vectors: pixel polygons -> CRS, cleaned; objects emptied by cleaning are dropped and the
-    # remaining ones numbered 1..n (the label raster uses the same numbers)
-    t0 = time.perf_counter()
-    pixel_geoms = np.array([o.geometry for o in objects], dtype=object)
-    pixel_size = (math.hypot(grid.transform.a, grid.transform.d),
-                  math.hypot(grid.transform.b, grid.transform.e))
-    geoms = clean(_pixels_to_crs(pixel_geoms, grid.transform), simplify=simplify,
-                  min_area=min_area, fill_holes=fill_holes, crs=crs, pixel_size=pixel_size)
-    keep = np.flatnonzero(~(shapely.is_missing(geoms) | shapely.is_empty(geoms)))
-    kept = [objects[i] for i in keep]
-    ids = np.arange(1, len(kept) + 1, dtype=np.int64)
-    gdf = to_frame(geoms[keep], crs, {
-        "id": ids,
-        "predicted_iou": np.array([o.predicted_iou for o in kept], np.float64),
-        "stability_score": np.array([o.stability_score for o in kept], np.float64),
-        "model": np.array([adapter.model_id] * len(kept), dtype=object),
-        "prompt": np.array(["auto"] * len(kept), dtype=object),
-        "tiles": np.array([o.n_tiles for o in kept], np.int64),
-    })
-    provenance = io.make_provenance(
-        # the adapter already knows its checkpoint's hash: do not hash gigabytes twice
-        input=str(src), model=adapter.model_id, command="segment",
-        checkpoint_path=adapter.checkpoint,
-        checkpoint_sha256=adapter.checkpoint_sha256, bands=list(reader.band_indexes),
-        nodata=reader.nodata, scale=scale, tile_size=size, overlap=ovl, gsd=gsd,
-        grid_scale=grid.scale, device=str(adapter.device), dtype=str(adapter.dtype),
-        simplify=simplify, min_area=min_area, fill_holes=fill_holes, merge_iou=merge_iou,
-        merge_ios=merge_ios, label_raster=str(label_out) if label_out else None,
-        amg=dataclasses.asdict(params), tiles=len(tiles), objects=len(kept))
-    if label_out is not None:
-        _write_labels(label_out, kept, ids, grid, crs, overwrite, provenance)
-    io.write_vectors(gdf, out, provenance, overwrite=overwrite)
-    t_write = time.perf_counter() - t0
-    if not keep_workdir:
-        work.remove()
-
-    wall = time.perf_counter() - started
+        batches = pipeline.run_tiled(reader, grid, tiles, job, ref, engine=engine,
+                                     workdir=run.workdir, merge_iou=merge_iou,
+                                     merge_ios=merge_ios, quiet=quiet, stats=stats)
+        frames = pipeline.frames(batches, grid.transform, reader.crs, columns=columns,
+                                 simplify=simplify, min_area=min_area, fill_holes=fill_holes,
+                                 stats=stats)
+        with io.VectorWriter(out, overwrite=overwrite) as writer:
+            kept, schema = _stream(frames, writer, return_frame)
+            t0 = time.perf_counter()
+            provenance = io.make_provenance(
+                # the adapter already knows its checkpoint's hash: do not hash gigabytes twice
+                input=str(src), model=model_id, command="segment",
+                checkpoint_path=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256,
+                bands=list(reader.band_indexes), nodata=reader.nodata, scale=scale,
+                tile_size=grid.tile_size, overlap=grid.overlap, gsd=gsd, grid_scale=grid.scale,
+                device=str(loaded.device), dtype=str(loaded.dtype), simplify=simplify,
+                min_area=min_area, fill_holes=fill_holes, merge_iou=merge_iou,
+                merge_ios=merge_ios, label_raster=str(label_out) if label_out else None,
+                amg=dataclasses.asdict(job.params), tiles=len(tiles), objects=stats.objects)
+            if label_out is not None:
+                io.write_label_raster(label_out, writer, grid.width, grid.height,
+                                      grid.transform, reader.crs, overwrite=overwrite,
+                                      provenance=provenance)
+            writer.close(provenance)
+        gdf = _frame_of(kept, schema)
+        _pictures(reader, gdf if return_frame else out, preview, map, overwrite)
+        t_write = time.perf_counter() - t0
+    if run.workdir is not None and not keep_workdir:
+        run.workdir.remove()
     gdf.attrs["terrasam"] = {
         "output": str(out), "label_raster": str(label_out) if label_out else None,
-        "objects": len(kept), "tiles": len(tiles), "tiles_run": timings.tiles_run,
-        "tiles_resumed": timings.tiles_resumed, "grid": [grid.width, grid.height],
-        "tile_size": size, "overlap": ovl, "gsd": gsd, "wall_s": wall,
-        "model_s": timings.model, "read_wait_s": timings.read_wait, "spill_s": timings.spill,
-        "stitch_s": t_stitch, "write_s": t_write, "peak_held_pixels": stitcher.peak_held_pixels,
-        "amg": dataclasses.asdict(timings.amg) if timings.amg is not None else None,
-        "workdir": None if not keep_workdir else str(work.path),
+        "preview": str(outs["preview"]) if preview else None,
+        "map": str(outs["map"]) if map else None, "objects": stats.objects, **_summary(stats, run),
+        "wall_s": time.perf_counter() - started, "write_s": t_write + stats.clean_s,
+        "workdir": str(run.workdir.path) if keep_workdir and run.workdir else None,
     }
     return gdf
+
+
+def prompt(
+    raster: PathLike,
+    output: PathLike | None = None,
+    points: Any = None,
+    boxes: Any = None,
+    text: str | Sequence[str] | None = None,
+    *,
+    crs: Any = None,
+    label_field: str | None = None,
+    group_field: str | None = None,
+    model: str | None = None,
+    checkpoint: PathLike | None = None,
+    adapter: Any = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    scale: str = "percentile",
+    multimask_all: bool = False,
+    parts: str = "all",
+    max_downsample: float | None = None,
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    tile_size: int | None = None,
+    overlap: int | None = None,
+    gsd: float | None = None,
+    simplify: str | float | None = None,
+    min_area: str | float | None = None,
+    fill_holes: str | float | None = None,
+    compile: bool = False,
+    engine: Any = "local",
+    workdir: PathLike | None = None,
+    keep_workdir: bool = False,
+    overwrite: bool = False,
+    preview: PathLike | None = None,
+    map: PathLike | None = None,
+    quiet: bool = True,
+    warn: Callable[[str], None] | None = None,
+):
+    """Segment one object per point/box prompt, or every instance of text concepts (SAM 3).
+
+    Parameters:
+        raster: the input raster (anything rasterio opens).
+        output: the vector output (format from the extension); None: only return the frame.
+        points: a vector file (Point/MultiPoint, its own CRS), a GeoDataFrame, or tuples
+            ``(x, y[, label[, group]])`` in ``crs``; label 1 positive, 0 negative.
+        boxes: a polygon file (each polygon's bounds in the raster's CRS are the box) or
+            tuples ``(minx, miny, maxx, maxy[, group])`` in ``crs``.
+        text: a concept or a list of them, found over the whole raster (needs SAM 3, the
+            default model then), tiled and stitched like ``segment``.
+        crs: the CRS of coordinate tuples; default the raster's.
+        label_field: the field of a points file holding 1/0.
+        group_field: the field of points/boxes files: features sharing it form one prompt.
+        model, checkpoint, adapter, device, dtype, compile: the model, as in ``segment``.
+        bands, nodata, scale: raster reading, as in ``segment``.
+        multimask_all: keep the model's three candidate masks (column ``rank``).
+        parts: "all" keeps the whole mask, "prompt" only its parts under a positive point or
+            the box.
+        max_downsample: warn when a box is read coarser than this many times the working
+            resolution (default 4).
+        score_threshold, mask_threshold: SAM 3's instance score and mask probability cut-offs.
+        tile_size, overlap: the tiling of text prompts; default the model's input, a quarter.
+        gsd: the working resolution (metres) of every window and tile.
+        simplify, min_area, fill_holes: cleaning, as in ``segment``.
+        engine: the engine of text prompts ("local" or an engine object).
+        workdir: text prompts: where finished tiles are kept for resuming; default
+            ``OUTPUT.terrasam-work`` (none without an output).
+        keep_workdir: keep the work directory after success.
+        overwrite: replace existing outputs.
+        preview, map: also write a PNG preview / an HTML map (needs ``output``).
+        quiet: no progress output.
+        warn: called with each warning (skipped prompts); default ``warnings.warn``.
+
+    Prompts outside the raster or on nodata are reported through ``warn`` and skipped.
+    Returns the GeoDataFrame (``gdf.attrs["terrasam"]`` summarises the run, skipped prompt
+    ids too).
+    """
+    from terrasam import io, pipeline
+    from terrasam.models.ref import ModelRef
+    from terrasam.prompts import decode, sources, windows
+    from terrasam.raster import open_raster
+    from terrasam.text import TextJob
+    from terrasam.tiling import grid_scale
+    from terrasam.vectorize import clean, to_frame
+
+    warn = warn or sources._warn
+    texts = [text] if isinstance(text, str) else list(text or [])
+    texts = [t.strip() for t in texts]
+    if any(not t for t in texts):
+        raise TerrasamError("a text prompt must not be empty.")
+    if points is None and boxes is None and not texts:
+        raise TerrasamError("give point prompts, box prompts or a text prompt.")
+    if parts not in decode.PARTS:
+        raise TerrasamError(f"parts must be one of {', '.join(decode.PARTS)}, got {parts!r}.")
+    if not (0.0 <= score_threshold <= 1.0):
+        raise TerrasamError(f"the score threshold must be between 0 and 1, got {score_threshold}.")
+    if output is None and (preview is not None or map is not None):
+        raise TerrasamError("a preview or map needs an output file.")
+    outs = io.check_outputs({"vector": output, "preview": preview, "map": map}, overwrite,
+                            input=raster)
+    out = outs.get("vector")
+    max_downsample = decode.MAX_DOWNSAMPLE if max_downsample is None else max_downsample
+    ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
+                           text=bool(texts), adapter=adapter)
+    src = Path(raster).expanduser()
+
+    with pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
+                                          scale=scale) as reader:
+        px_scale = grid_scale(reader.transform, gsd, reader.ground_res if gsd else None)
+        prompts, live, plans, report = [], [], {}, sources.Report()
+        if points is not None or boxes is not None:
+            prompts, negatives, report = sources.collect_prompts(
+                points, boxes, raster_crs=reader.crs, transform=reader.transform, crs=crs,
+                label_field=label_field, group_field=group_field, warn=warn)
+            live = windows.clip_prompts(prompts, reader.width, reader.height, report)
+            if not live:
+                which = "the prompt falls" if len(prompts) == 1 else \
+                    f"all {len(prompts)} prompts fall"
+                raise TerrasamError(
+                    f"{which} outside the raster ({sources._raster_bounds_text(reader)}); "
+                    "check their CRS (--crs).")
+        loaded = ref.load()
+        if texts and loaded.family != "sam3":
+            raise TerrasamError(
+                f"model {loaded.model_id} does not take text prompts; use --model sam3.")
+        model_id = loaded.model_id
+        rows = []
+        if live:
+            live, plans = windows.plan_windows(live, negatives, reader.width, reader.height,
+                                               int(loaded.image_size), report, scale=px_scale)
+            rows = decode.run_point_box(reader, loaded, live, plans, report,
+                                        multimask_all=multimask_all, parts=parts,
+                                        max_downsample=max_downsample, scale=px_scale,
+                                        quiet=quiet, warn=warn)
+            decode._report_skips(report, len(prompts), warn)
+            if not rows and len(report.outside) + len(report.nodata) == len(prompts):
+                raise TerrasamError(
+                    f"all {len(prompts)} prompts fall outside the raster or on nodata.")
+
+        def prompt_columns(r: list[dict]) -> dict:
+            cols = {"prompt_id": np.array([x["prompt_id"] for x in r], dtype=np.int64),
+                    "prompt_type": np.array([x["prompt_type"] for x in r], dtype=object),
+                    "prompt": np.array([x["prompt"] for x in r], dtype=object),
+                    "prompt_crs": np.array([x["prompt_crs"] for x in r], dtype=object),
+                    "score": np.array([x["score"] for x in r], dtype=np.float64),
+                    "model": np.array([model_id] * len(r), dtype=object)}
+            if multimask_all:
+                cols["rank"] = np.array([x["rank"] for x in r], dtype=np.int64)
+            return cols
+
+        geoms = clean(np.array([r["geometry"] for r in rows], dtype=object), simplify=simplify,
+                      min_area=min_area, fill_holes=fill_holes, crs=reader.crs,
+                      pixel_size=reader.res)
+        keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
+        first = to_frame(geoms[keep], reader.crs,
+                         prompt_columns([rows[i] for i in keep]))
+        stream = [first]
+        run, stats, job = None, None, None
+        if texts:
+            job = TextJob(tuple(texts), score_threshold, mask_threshold)
+            grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
+            run = _Tiled(reader, src, grid, tiles, ref, loaded, scale, gsd, None, engine,
+                         quiet=quiet)
+            default_work = out.with_name(out.name + ".terrasam-work") if out else None
+            run.workdir = _open_workdir(Path(workdir) if workdir else default_work, run, job)
+            stats = pipeline.RunStats()
+            first_id = len(prompts) + 1
+
+            def text_columns(concepts, objects):
+                return prompt_columns([
+                    {"prompt_id": first_id + k, "prompt_type": "text", "prompt": texts[k],
+                     "prompt_crs": "", "score": float(o.predicted_iou), "rank": 1}
+                    for k, o in zip(concepts.tolist(), objects)])
+
+            batches = pipeline.run_tiled(reader, grid, tiles, job, ref, engine=engine,
+                                         workdir=run.workdir, quiet=quiet, stats=stats)
+            stream = _chain_frames(first, pipeline.frames(
+                batches, grid.transform, reader.crs, columns=text_columns,
+                first_id=len(first) + 1, simplify=simplify, min_area=min_area,
+                fill_holes=fill_holes, pixel_size=reader.res, stats=stats))
+        writer = io.VectorWriter(out, overwrite=overwrite) if out is not None else None
+        try:
+            kept, schema = _stream(stream, writer, True)
+            gdf = _frame_of(kept, schema)
+            if writer is not None:
+                provenance = io.make_provenance(
+                    input=str(src), model=model_id, command="prompt",
+                    checkpoint_path=loaded.checkpoint,
+                    checkpoint_sha256=loaded.checkpoint_sha256,
+                    bands=list(reader.band_indexes), nodata=reader.nodata, scale=scale,
+                    points=sources._source_text(points), boxes=sources._source_text(boxes),
+                    text=texts, crs=None if crs is None else str(crs), label_field=label_field,
+                    group_field=group_field, multimask_all=multimask_all, parts=parts,
+                    score_threshold=score_threshold, mask_threshold=mask_threshold,
+                    tile_size=tile_size, overlap=overlap, gsd=gsd, simplify=simplify,
+                    min_area=min_area, fill_holes=fill_holes, device=str(loaded.device),
+                    dtype=str(loaded.dtype), skipped=report.to_dict(), objects=len(gdf))
+                writer.close(provenance)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if out is not None:
+            _pictures(reader, gdf, preview, map, overwrite)
+    if run is not None and run.workdir is not None and not keep_workdir:
+        run.workdir.remove()
+    summary = {"prompts": len(prompts), "texts": texts, "objects": len(gdf),
+               "skipped": report.to_dict(), "output": str(out) if out else None}
+    if run is not None:
+        summary["text"] = _summary(stats, run)
+    gdf.attrs["terrasam"] = summary
+    return gdf
+
+
+def _chain_frames(first, rest):
+    yield first
+    yield from rest

@@ -81,12 +81,39 @@ def _vector_formats() -> dict[str, str]:
     return formats
 
 
+_PICTURE_FORMATS = {"preview": {".png": "PNG"}, "map": {".html": "HTML", ".htm": "HTML"}}
+
+
 def _supported(kind: str) -> dict[str, str]:
     if kind == "vector":
         return _vector_formats()
     if kind == "raster":
         return dict(RASTER_FORMATS)
-    raise ValueError(f"kind must be 'vector' or 'raster', not {kind!r}")
+    if kind in _PICTURE_FORMATS:
+        return dict(_PICTURE_FORMATS[kind])
+    raise ValueError(f"kind must be 'vector', 'raster', 'preview' or 'map', not {kind!r}")
+
+
+def _check_path(path, kind: str) -> Path:
+    """Extension and folder checks of one output path (existence aside)."""
+    out = Path(path).expanduser()
+    formats = _supported(kind)
+    ext = out.suffix.lower()
+    if ext not in formats:
+        if kind in _PICTURE_FORMATS:
+            raise TerrasamError(f"{path} must end with {' or '.join(formats)}")
+        shown = f"'{ext}'" if ext else f"'{out.name}' (no extension)"
+        raise TerrasamError(
+            f"unsupported output format {shown}; use one of {', '.join(formats)}"
+        )
+    if out.is_dir():
+        raise TerrasamError(f"{path} is a folder; give a file name such as {out / 'objects'}{ext}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise TerrasamError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TerrasamError(f"cannot write to folder {folder}")
+    return out
 
 
 def check_output(path, overwrite: bool = False, kind: str = "vector") -> Path:
@@ -94,26 +121,37 @@ def check_output(path, overwrite: bool = False, kind: str = "vector") -> Path:
 
     Raises TerrasamError when the extension is not a supported format, when the file exists
     and ``overwrite`` is false, or when its folder is missing or not writable. ``kind`` is
-    "vector" (default) or "raster" (the label GeoTIFF).
+    "vector" (default), "raster" (the label GeoTIFF), "preview" (.png) or "map" (.html).
     """
-    out = Path(path).expanduser()
-    formats = _supported(kind)
-    ext = out.suffix.lower()
-    if ext not in formats:
-        shown = f"'{ext}'" if ext else f"'{out.name}' (no extension)"
-        raise TerrasamError(
-            f"unsupported output format {shown}; use one of {', '.join(formats)}"
-        )
-    if out.is_dir():
-        raise TerrasamError(f"{path} is a folder; give a file name such as {out / 'objects'}{ext}")
+    out = _check_path(path, kind)
     if out.exists() and not overwrite:
         raise TerrasamError(f"{path} exists; use --overwrite to replace it")
-    folder = out.parent
-    if not folder.is_dir():
-        raise TerrasamError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise TerrasamError(f"cannot write to folder {folder}")
     return out
+
+
+def check_outputs(outputs: Mapping, overwrite: bool = False, input=None) -> dict:
+    """Validate every output of a run at once: ``{kind: path or None}`` -> ``{kind: Path}``.
+
+    Formats and folders as :func:`check_output`; all outputs that exist (without
+    ``overwrite``) are named in one message; no output may be the input or another output.
+    """
+    paths = {kind: _check_path(p, kind) for kind, p in outputs.items() if p is not None}
+    existing = [str(outputs[k]) for k, p in paths.items() if p.exists() and not overwrite]
+    if existing:
+        verb = "exists" if len(existing) == 1 else "exist"
+        them = "it" if len(existing) == 1 else "them"
+        raise TerrasamError(f"{', '.join(existing)} {verb}; use --overwrite to replace {them}")
+    src = Path(input).expanduser() if input is not None else None
+    seen: dict = {}
+    for kind, p in paths.items():
+        if src is not None and src.exists() and p.exists() and os.path.samefile(src, p):
+            raise TerrasamError(f"the output {p} is the input raster")
+        key = p.resolve()
+        if key in seen:
+            raise TerrasamError(f"the {kind} output and the {seen[key]} output are the same "
+                                f"file ({p})")
+        seen[key] = kind
+    return paths
 
 
 def _temp_name(out: Path) -> Path:
@@ -202,61 +240,260 @@ def _write_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _write_ogr(gdf, tmp: Path, driver: str, layer: str, metadata: dict | None) -> None:
+@contextlib.contextmanager
+def _no_pam():
+    """No GDAL .aux.xml sidecars beside outputs while pyogrio reads or writes them."""
     import pyogrio
 
-    kwargs = {}
-    if metadata:
-        kwargs["dataset_metadata"] = metadata
-    if driver == "KML" and gdf.crs is not None and not gdf.crs.equals("EPSG:4326"):
-        gdf = gdf.to_crs("EPSG:4326")  # KML is WGS84 by definition
-    pyogrio.write_dataframe(gdf, tmp, layer=layer, driver=driver, **kwargs)
+    old = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
+    pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": old})
 
 
-def _write_parquet(gdf, tmp: Path, provenance_json: str) -> None:
-    import pyarrow.parquet as pq
+class VectorWriter:
+    """Streams GeoDataFrame batches into a vector output; the output appears only when done.
 
-    gdf.to_parquet(tmp, index=False)
-    # geopandas does not take extra file metadata: add the key to the table it wrote.
-    table = pq.read_table(tmp)
-    metadata = dict(table.schema.metadata or {})
-    metadata[_PROVENANCE_KEY.encode()] = provenance_json.encode()
-    pq.write_table(table.replace_schema_metadata(metadata), tmp)
+    Batches are appended to a hidden staging GeoPackage beside the output (buffered to
+    ``batch_rows`` rows), so memory stays flat in the number of features. :meth:`close`
+    stores the provenance and moves the result into place: the staging file itself for a
+    GeoPackage; for other formats it is streamed (Arrow batches) into the final format under
+    a temporary name, then renamed. While open, :meth:`read` reads back what was written
+    within a box (the label raster is burned from it). On an exception (``with`` block) or
+    :meth:`abort` nothing is left behind.
+    """
+
+    def __init__(self, path, *, overwrite: bool = False, batch_rows: int = 5000):
+        self.out = check_output(path, overwrite)
+        self.overwrite = overwrite
+        self.driver = _vector_formats()[self.out.suffix.lower()]
+        self.layer = self.out.stem
+        self.batch_rows = int(batch_rows)
+        self.features = 0
+        self.crs = None
+        self._stage = self.out.with_name(
+            f".{self.out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.stage.gpkg")
+        self._buffer: list = []
+        self._buffered = 0
+        self._schema = None  # an empty frame with the columns, for an output with no rows
+        self._staged = False
+        self._closed = False
+        self._types: set = set()  # geometry types and bounds written, for GeoParquet
+        self._bounds = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+    def write(self, gdf) -> None:
+        """Append a batch of features (the same columns every time)."""
+        if self._closed:
+            raise ValueError("the vector output is already closed")
+        if self._schema is None:
+            self._schema = gdf.iloc[:0]
+            self.crs = gdf.crs
+        if len(gdf):
+            self._buffer.append(gdf)
+            self._buffered += len(gdf)
+            if self._buffered >= self.batch_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered batches to the staging file."""
+        if not self._buffer:
+            return
+        import pandas as pd
+        import pyogrio
+
+        batch = (self._buffer[0] if len(self._buffer) == 1
+                 else pd.concat(self._buffer, ignore_index=True))
+        self._buffer, self._buffered = [], 0
+        self._stage_write(lambda: pyogrio.write_dataframe(
+            batch, self._stage, layer=self.layer, driver="GPKG", append=self._staged,
+            geometry_type="Unknown"))
+        self._staged = True
+        self.features += len(batch)
+        geoms = batch.geometry.values
+        self._types.update(t for t in geoms.geom_type if t)
+        if len(batch):
+            b = geoms.total_bounds
+            self._bounds = b if self._bounds is None else np.concatenate(
+                [np.minimum(self._bounds[:2], b[:2]), np.maximum(self._bounds[2:], b[2:])])
+
+    def _stage_write(self, write) -> None:
+        try:
+            with _no_pam():
+                write()
+        except _write_errors() as exc:
+            self.abort()
+            raise TerrasamError(f"could not write {self.out}: {_first_line(exc)}") from exc
+
+    def read(self, bbox=None, columns=None):
+        """The features written so far (within ``bbox`` in the output CRS), as a GeoDataFrame."""
+        import pyogrio
+
+        self.flush()
+        if not self._staged:
+            return self._schema if columns is None else self._schema[[*columns, "geometry"]]
+        with _no_pam():
+            return pyogrio.read_dataframe(self._stage, layer=self.layer, bbox=bbox,
+                                          columns=columns)
+
+    def close(self, provenance: Mapping | None = None) -> Path:
+        """Store ``provenance`` and put the output in place; returns its path."""
+        import pyogrio
+
+        if self._closed:
+            return self.out
+        self.flush()
+        if not self._staged:  # no feature at all: an empty layer with the columns
+            if self._schema is None:
+                raise ValueError("nothing was written to the vector output")
+            self._stage_write(lambda: pyogrio.write_dataframe(
+                self._schema, self._stage, layer=self.layer, driver="GPKG",
+                geometry_type="Polygon"))
+            self._staged = True
+        provenance = dict(_jsonable(provenance or {}))
+        output_info = {"format": self.driver, "features": int(self.features)}
+        mapping = {}
+        if self.driver == "ESRI Shapefile":
+            mapping = _shapefile_columns([c for c in self._schema.columns
+                                          if c != self._schema.geometry.name])
+            if mapping:
+                output_info["field_names"] = mapping
+        provenance["output"] = output_info
+        text = _json(provenance)
+        try:
+            with _no_pam():
+                if self.driver == "GPKG":
+                    # an empty append only to store the dataset metadata
+                    pyogrio.write_dataframe(self._schema, self._stage, layer=self.layer,
+                                            driver="GPKG", append=True,
+                                            dataset_metadata={_PROVENANCE_KEY: text})
+                    os.replace(self._stage, self.out)
+                elif self.driver == "ESRI Shapefile":
+                    _write_shapefile(self.out, text, lambda tmp: self._convert(tmp, mapping))
+                elif self.driver == "GeoParquet":
+                    _write_replacing(self.out, lambda tmp: self._to_parquet(tmp, text))
+                else:
+                    _write_replacing(self.out, self._convert)
+                    _write_text_atomic(_sidecar(self.out), text)
+        except _write_errors() as exc:
+            raise TerrasamError(f"could not write {self.out}: {_first_line(exc)}") from exc
+        finally:
+            self.abort()
+        return self.out
+
+    def abort(self) -> None:
+        """Discard everything written so far."""
+        self._closed = True
+        self._buffer = []
+        _remove(self._stage)
+
+    def _batches(self, rename=None):
+        """The staged features as Arrow record batches (geometry as WKB)."""
+        import pyarrow as pa
+        from pyogrio import open_arrow
+
+        with open_arrow(self._stage, layer=self.layer, use_pyarrow=True,
+                        batch_size=self.batch_rows) as (meta, reader):
+            geometry = meta["geometry_name"] or "geometry"
+            for batch in reader:
+                if rename:
+                    names = [rename.get(n, n) for n in batch.schema.names]
+                    batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
+                yield geometry, batch
+
+    def _convert(self, tmp: Path, rename=None) -> None:
+        """Stream the staged features into ``tmp`` in the output's format."""
+        import pyarrow as pa
+        import pyogrio
+
+        crs = self.crs
+        to_wgs84 = self.driver == "KML" and crs is not None and not crs.equals("EPSG:4326")
+        batches = self._batches(rename)
+        first = next(batches, None)
+        if first is None:  # no row: an empty layer with the columns
+            empty = self._schema.rename(columns=rename or {})
+            if to_wgs84:
+                empty = empty.to_crs("EPSG:4326")
+            pyogrio.write_dataframe(empty, tmp, layer=self.layer, driver=self.driver,
+                                    geometry_type="Polygon")
+            return
+        geometry, schema = first[0], first[1].schema
+
+        def stream():
+            for _, batch in [first, *batches]:
+                if to_wgs84:  # KML is WGS 84 by definition
+                    batch = _reproject_wkb(batch, geometry, crs, "EPSG:4326")
+                yield batch
+
+        reader = pa.RecordBatchReader.from_batches(schema, stream())
+        pyogrio.write_arrow(reader, tmp, layer=self.layer, driver=self.driver,
+                            geometry_name=geometry, geometry_type="Unknown",
+                            crs="EPSG:4326" if to_wgs84 else _crs_wkt(crs))
+
+    def _to_parquet(self, tmp: Path, provenance_json: str) -> None:
+        """GeoParquet 1.0 (WKB geometry, PROJJSON CRS), written batch by batch."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        column = {"encoding": "WKB", "geometry_types": sorted(self._types)}
+        if self.crs is not None:
+            column["crs"] = self.crs.to_json_dict()
+        if self._bounds is not None:
+            column["bbox"] = [float(v) for v in self._bounds]
+        geo = {"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": column}}
+        metadata = {"geo": json.dumps(geo), _PROVENANCE_KEY: provenance_json}
+        writer = None
+        try:
+            for geometry, batch in self._batches():
+                names = ["geometry" if n == geometry else n for n in batch.schema.names]
+                fields = [pa.field(n, c.type) for n, c in zip(names, batch.columns)]
+                schema = pa.schema(fields, metadata=metadata)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+            if writer is None:  # no row: the columns of an empty frame
+                table = pa.Table.from_pandas(self._schema.to_wkb(), preserve_index=False)
+                writer = pq.ParquetWriter(tmp, table.schema.with_metadata(metadata))
+        finally:
+            if writer is not None:
+                writer.close()
+
+
+def _crs_wkt(crs):
+    return None if crs is None else crs.to_wkt()
+
+
+def _reproject_wkb(batch, geometry: str, src, dst):
+    import pyarrow as pa
+    import shapely
+    from pyproj import Transformer
+
+    t = Transformer.from_crs(src, dst, always_xy=True)
+    i = batch.schema.get_field_index(geometry)
+    geoms = shapely.from_wkb(np.asarray(batch.column(i)))
+    geoms = shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+    column = pa.array(shapely.to_wkb(geoms), type=batch.schema.field(i).type)
+    return batch.set_column(i, batch.schema.field(i), column)
 
 
 def write_vectors(gdf, path, provenance: Mapping, overwrite: bool = False) -> Path:
     """Write a GeoDataFrame in the format of ``path``'s extension, atomically, with provenance.
 
     The CRS is always written. An existing output is refused unless ``overwrite``. Returns the
-    path written.
+    path written. (One batch through :class:`VectorWriter`.)
     """
-    out = check_output(path, overwrite)
-    driver = _vector_formats()[out.suffix.lower()]
-    provenance = dict(_jsonable(provenance or {}))
-    output_info = {"format": driver, "features": int(len(gdf))}
-    if driver == "ESRI Shapefile":
-        mapping = _shapefile_columns([c for c in gdf.columns if c != gdf.geometry.name])
-        if mapping:
-            gdf = gdf.rename(columns=mapping)
-            output_info["field_names"] = mapping
-    provenance["output"] = output_info
-    text = _json(provenance)
-    errors = _write_errors()
-    try:
-        if driver == "ESRI Shapefile":
-            _write_shapefile(gdf, out, text)
-        elif driver == "GeoParquet":
-            _write_replacing(out, lambda tmp: _write_parquet(gdf, tmp, text))
-        elif driver == "GPKG":
-            _write_replacing(
-                out, lambda tmp: _write_ogr(gdf, tmp, driver, out.stem, {_PROVENANCE_KEY: text})
-            )
-        else:
-            _write_replacing(out, lambda tmp: _write_ogr(gdf, tmp, driver, out.stem, None))
-            _write_text_atomic(_sidecar(out), text)
-    except errors as exc:
-        raise TerrasamError(f"could not write {path}: {_first_line(exc)}") from exc
-    return out
+    with VectorWriter(path, overwrite=overwrite) as writer:
+        writer.write(gdf)
+        return writer.close(provenance)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -273,12 +510,13 @@ def _write_replacing(out: Path, write) -> None:
         _remove(tmp)
 
 
-def _write_shapefile(gdf, out: Path, provenance_json: str) -> None:
-    """A shapefile is several files: write them in a temporary folder, then move them all."""
+def _write_shapefile(out: Path, provenance_json: str, write) -> None:
+    """A shapefile is several files: ``write(tmp)`` them in a temporary folder, then move
+    them all."""
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tmp-", dir=out.parent))
     try:
         tmp = tmp_dir / out.name
-        _write_ogr(gdf, tmp, "ESRI Shapefile", out.stem, None)
+        write(tmp)
         parts = {p.suffix.lower(): p for p in tmp_dir.iterdir()}
         (tmp_dir / "sidecar").write_text(provenance_json, encoding="utf-8")
         for ext in _SHAPEFILE_PARTS:  # parts of an older shapefile that this one lacks
@@ -308,7 +546,8 @@ def read_provenance(path) -> dict:
         if ext == ".gpkg":
             import pyogrio
 
-            info = pyogrio.read_info(out)
+            with _no_pam():
+                info = pyogrio.read_info(out)
             text = (info.get("dataset_metadata") or {}).get(_PROVENANCE_KEY)
         elif ext == ".parquet":
             import pyarrow.parquet as pq
@@ -408,6 +647,41 @@ def make_provenance(*, input=None, model=None, checkpoint=None, **params) -> dic
 
 
 # --------------------------------------------------------------------------- label raster
+
+LABEL_BLOCK = 1024  # label raster burned in blocks of this many pixels a side
+
+
+def write_label_raster(path, source: VectorWriter, width: int, height: int, transform, crs, *,
+                       overwrite: bool = False, provenance=None, block: int = LABEL_BLOCK,
+                       ) -> Path:
+    """Burn the features written to ``source`` (column ``id``) into a label COG, block by block.
+
+    Each block reads back only the features whose box meets it, so no step holds every
+    geometry. Where objects overlap, the smaller one is on top.
+    """
+    import shapely
+    from affine import Affine
+    from rasterio import features
+
+    with LabelRasterWriter(path, width, height, transform, crs, dtype="uint32",
+                           overwrite=overwrite, provenance=provenance) as writer:
+        for r0 in range(0, height, block):
+            h = min(block, height - r0)
+            for c0 in range(0, width, block):
+                w = min(block, width - c0)
+                at = transform @ Affine.translation(c0, r0)
+                xs, ys = zip(*(at @ (c, r) for c, r in ((0, 0), (w, 0), (w, h), (0, h))))
+                found = source.read(bbox=(min(xs), min(ys), max(xs), max(ys)), columns=["id"])
+                out = np.zeros((h, w), np.uint32)
+                if len(found):
+                    geoms = found.geometry.values
+                    order = np.argsort(-shapely.area(np.asarray(geoms)), kind="stable")
+                    ids = found["id"].to_numpy(np.int64)[order]
+                    features.rasterize(zip(np.asarray(geoms)[order], ids.tolist()), out=out,
+                                       transform=at)
+                writer.write(out, (c0, r0, w, h))
+    return Path(path)
+
 
 _LABEL_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
 

@@ -244,6 +244,17 @@ def _check_2d(array, name) -> np.ndarray:
 # --------------------------------------------------------------------------- masks -> polygons
 
 
+def pixels_to_crs(geoms, transform: Affine) -> np.ndarray:
+    """Geometries in pixel coordinates (col, row) -> CRS coordinates (exact affine, vectorised)."""
+    t = transform
+
+    def forward(xy):
+        x, y = xy[:, 0], xy[:, 1]
+        return np.column_stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f])
+
+    return shapely.transform(_as_array(geoms), forward)
+
+
 def mask_to_geometry(mask, transform: Affine, connectivity: int = 8):
     """One valid (Multi)Polygon tracing the pixel edges of a boolean mask; None when empty."""
     mask = _check_2d(mask, "mask").astype(bool, copy=False)

@@ -15,12 +15,12 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from terrasam.errors import TerrasamError
+from terrasam.io import check_output
 
 NODATA_RGB = (150, 150, 150)
 FILL_ALPHA = 0.45
@@ -60,21 +60,6 @@ def _open_reader(raster, bands, scale, nodata):
     from terrasam.raster import open_raster
 
     return open_raster(raster, bands=bands, nodata=nodata, scale=scale), True
-
-
-def _check_output(path, suffixes: Sequence[str], overwrite: bool) -> Path:
-    # io.check_output knows the vector and raster formats only, not .png/.html
-    path = Path(path).expanduser()
-    if path.suffix.lower() not in suffixes:
-        raise TerrasamError(f"{path} must end with {' or '.join(suffixes)}")
-    if path.exists() and not overwrite:
-        raise TerrasamError(f"{path} exists; use --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise TerrasamError(f"output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TerrasamError(f"cannot write to folder {parent}")
-    return path
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
@@ -323,7 +308,7 @@ def write_preview(raster, vectors, out_png, bands=None, scale="percentile", max_
     ``header_height(width)`` tall. ``title`` replaces the default "file · model" part of the
     title line; the object count and coverage of valid pixels are always appended.
     """
-    out = _check_output(out_png, (".png",), overwrite)
+    out = check_output(out_png, overwrite, kind="preview")
     reader, owned = _open_reader(raster, bands, scale, nodata)
     try:
         gdf, provenance = _load_vectors(vectors)
@@ -538,7 +523,7 @@ def write_map(raster, vectors, out_html, bands=None, scale="percentile", max_siz
     """
     if basemap not in BASEMAPS:
         raise TerrasamError(f"unknown base map {basemap!r}; choose one of {', '.join(BASEMAPS)}")
-    out = _check_output(out_html, (".html", ".htm"), overwrite)
+    out = check_output(out_html, overwrite, kind="map")
     reader, owned = _open_reader(raster, bands, scale, nodata)
     try:
         gdf, provenance = _load_vectors(vectors)

@@ -6,8 +6,6 @@ Each decorator adds one group of options. Every option can also come from ``--co
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from terrasam.errors import TerrasamError
@@ -120,41 +118,11 @@ def run_options(f):
     )(f)
 
 
-def read_config(path) -> dict:
-    """Option values from a TOML or YAML file, keys normalised to python names.
-
-    Top-level keys are options; tables named after a command or ``amg`` are merged in.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise TerrasamError(f"cannot read the config file {path} ({exc.strerror})") from None
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise TerrasamError(f"config file {path} is not valid YAML: "
-                                f"{str(exc).splitlines()[0]}") from None
-    else:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise TerrasamError(f"config file {path} is not valid TOML ({exc})") from None
-    if not isinstance(data, dict):
-        raise TerrasamError(f"config file {path} must hold a table of option = value")
-    return data
-
-
 def apply_config(ctx: click.Context, values: dict, path, command: str) -> dict:
     """Fill options the user did not give on the command line from a config file."""
-    data = read_config(path)
+    from terrasam.config import load_config
+
+    data = load_config(path)
     flat: dict = {}
     for key, value in data.items():
         if isinstance(value, dict):

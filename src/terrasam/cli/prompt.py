@@ -8,6 +8,7 @@ from terrasam.cli.options import (
     apply_config,
     model_options,
     raster_options,
+    run_options,
     tiling_options,
     vector_options,
 )
@@ -51,11 +52,7 @@ from terrasam.cli.options import (
 @vector_options
 @click.option("--preview", metavar="PNG", help="Also write a PNG of the objects over the image.")
 @click.option("--map", "map_", metavar="HTML", help="Also write an HTML map of image and objects.")
-@click.option("--config", "config", type=click.Path(dir_okay=False), metavar="FILE",
-              help="TOML or YAML file with option values (command-line flags win).")
-@click.option("--overwrite", is_flag=True, default=False, help="Replace existing outputs.")
-@click.option("--quiet", "-q", is_flag=True, default=False,
-              help="No progress output (skipped prompts are still reported).")
+@run_options
 @click.pass_context
 def prompt(ctx, **kw):
     """Segment the objects under point/box prompts, or every instance of --text, in RASTER."""
@@ -77,9 +74,9 @@ def prompt(ctx, **kw):
     def warn(message: str) -> None:
         click.echo(f"terrasam: warning: {message}", err=True)
 
-    from terrasam.prompts import prompt as run_prompt
+    from terrasam import api
 
-    gdf = run_prompt(
+    gdf = api.prompt(
         kw["raster"], kw["output"], points=points, boxes=boxes, text=list(kw["text"]) or None,
         crs=kw["crs"], label_field=kw["label_field"], group_field=kw["group_field"],
         model=kw["model"], checkpoint=kw["checkpoint"], device=kw["device"], dtype=kw["dtype"],
@@ -88,8 +85,8 @@ def prompt(ctx, **kw):
         score_threshold=kw["score_threshold"], mask_threshold=kw["mask_threshold"],
         tile_size=kw["tile_size"], overlap=kw["overlap"], gsd=kw["gsd"],
         simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"],
-        overwrite=kw["overwrite"], preview=kw["preview"], map=kw["map_"], quiet=quiet,
-        warn=warn)
+        workdir=kw["workdir"], keep_workdir=kw["keep_workdir"], overwrite=kw["overwrite"],
+        preview=kw["preview"], map=kw["map_"], quiet=quiet, warn=warn)
     if not quiet:
         info = gdf.attrs["terrasam"]
         extra = "".join(f", {p}" for p in (kw["preview"], kw["map_"]) if p)

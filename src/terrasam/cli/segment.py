@@ -33,49 +33,30 @@ from terrasam.cli.options import (
 @click.pass_context
 def segment(ctx, **kw):
     """Segment every object in RASTER and write one polygon per object to OUT."""
-    from pathlib import Path
-
-    from terrasam.errors import TerrasamError
     from terrasam.raster import parse_bands
 
     config = kw.pop("config")
     if config:
         kw = apply_config(ctx, kw, config, "segment")
-    opts = dict(kw)
-    preview, map_ = kw.pop("preview"), kw.pop("map_")
-    for extra, suffixes in ((preview, (".png",)), (map_, (".html", ".htm"))):
-        if not extra:
-            continue
-        if not str(extra).lower().endswith(suffixes):
-            raise TerrasamError(f"{extra} must end with {' or '.join(suffixes)}")
-        if Path(extra).exists() and not opts["overwrite"]:
-            raise TerrasamError(f"{extra} exists; use --overwrite to replace it")
-    bands = parse_bands(kw.pop("bands"))
     amg = {name: kw.pop(name) for name in AMG_NAMES}
+    quiet = kw["quiet"]
 
     from terrasam import api
 
-    gdf = api.segment(
+    info = api.segment(
         kw.pop("raster"), kw.pop("output"), model=kw.pop("model"),
-        checkpoint=kw.pop("checkpoint"), label_raster=kw.pop("label_raster"), bands=bands,
+        checkpoint=kw.pop("checkpoint"), label_raster=kw.pop("label_raster"),
+        preview=kw.pop("preview"), map=kw.pop("map_"), bands=parse_bands(kw.pop("bands")),
         nodata=kw.pop("nodata"), scale=kw.pop("scale"), tile_size=kw.pop("tile_size"),
         overlap=kw.pop("overlap"), gsd=kw.pop("gsd"), simplify=kw.pop("simplify"),
         min_area=kw.pop("min_area"), fill_holes=kw.pop("fill_holes"), device=kw.pop("device"),
         dtype=kw.pop("dtype"), compile=kw.pop("compile_"), workdir=kw.pop("workdir"),
         keep_workdir=kw.pop("keep_workdir"), overwrite=kw.pop("overwrite"),
-        quiet=kw.pop("quiet"), **{k: v for k, v in amg.items() if v is not None})
-    info = gdf.attrs["terrasam"]
-    if preview or map_:
-        from terrasam import viz
-
-        common = {"bands": bands, "scale": opts["scale"], "nodata": opts["nodata"],
-                  "overwrite": opts["overwrite"]}
-        if preview:
-            viz.write_preview(opts["raster"], gdf, preview, **common)
-        if map_:
-            viz.write_map(opts["raster"], gdf, map_, **common)
-    if not opts["quiet"]:
-        extra = "".join(f", {p}" for p in (info["label_raster"], preview, map_) if p)
+        quiet=kw.pop("quiet"), return_frame=False,
+        **{k: v for k, v in amg.items() if v is not None}).attrs["terrasam"]
+    if not quiet:
+        extra = "".join(f", {p}" for p in (info["label_raster"], info.get("preview"),
+                                           info.get("map")) if p)
         resumed = f" ({info['tiles_resumed']} resumed)" if info["tiles_resumed"] else ""
         click.echo(f"{info['objects']} objects from {info['tiles']} tiles{resumed} in "
                    f"{info['wall_s']:.1f} s -> {info['output']}{extra}")

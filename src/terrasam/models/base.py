@@ -86,10 +86,12 @@ class Adapter(ABC):
         embedded image, exactly as the family's reference predictor does."""
 
     def segment_text(self, image: np.ndarray, text: str, score_threshold: float = 0.5,
-                     mask_threshold: float = 0.5) -> list[dict]:
+                     mask_threshold: float = 0.5, embedding: Embedding | None = None
+                     ) -> list[dict]:
         """Every instance of a text concept in an image (SAM 3 only).
 
-        Returns dicts with ``mask`` (H, W) bool, ``score`` float, ``box`` xyxy pixels.
+        ``embedding``: this image's :meth:`embed` result, reused across concepts. Returns
+        dicts with ``mask`` (H, W) bool, ``score`` float, ``box`` xyxy pixels.
         """
         from terrasam.errors import TerrasamError
 
