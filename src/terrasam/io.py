@@ -2,7 +2,7 @@
 
 Every output is written under a temporary name in its own folder and renamed when complete,
 so a failed run never leaves a half-written file. Provenance travels with the dataset:
-GeoPackage dataset metadata, GeoParquet key-value metadata (key ``terrasam``), GeoTIFF tags
+GeoPackage layer metadata, GeoParquet key-value metadata (key ``terrasam``), GeoTIFF tags
 (tag ``TERRASAM``), and a sidecar ``OUT.<ext>.terrasam.json`` for the other formats.
 
 Shapefile field names are limited to 10 characters: terrasam's long names are written as
@@ -372,10 +372,11 @@ class VectorWriter:
         try:
             with _no_pam():
                 if self.driver == "GPKG":
-                    # an empty append only to store the dataset metadata
+                    # an empty append only to store the metadata; layer metadata, since GDAL
+                    # copies dataset metadata into an .aux.xml beside the file on every read
                     pyogrio.write_dataframe(self._schema, self._stage, layer=self.layer,
                                             driver="GPKG", append=True,
-                                            dataset_metadata={_PROVENANCE_KEY: text})
+                                            layer_metadata={_PROVENANCE_KEY: text})
                     os.replace(self._stage, self.out)
                 elif self.driver == "ESRI Shapefile":
                     _write_shapefile(self.out, text, lambda tmp: self._convert(tmp, mapping))
@@ -548,7 +549,8 @@ def read_provenance(path) -> dict:
 
             with _no_pam():
                 info = pyogrio.read_info(out)
-            text = (info.get("dataset_metadata") or {}).get(_PROVENANCE_KEY)
+            text = ((info.get("layer_metadata") or {}).get(_PROVENANCE_KEY)
+                    or (info.get("dataset_metadata") or {}).get(_PROVENANCE_KEY))
         elif ext == ".parquet":
             import pyarrow.parquet as pq
 

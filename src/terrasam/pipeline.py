@@ -120,7 +120,7 @@ def _position(o) -> tuple:
 def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
            columns: Callable[[np.ndarray, list], dict], number: bool = True, first_id: int = 1,
            simplify=None, min_area=None, fill_holes=None, pixel_size=None,
-           batch_objects: int = BATCH_OBJECTS, stats: RunStats | None = None):
+           batch_objects: int | None = None, stats: RunStats | None = None):
     """GeoDataFrames of finished objects, georeferenced, cleaned and numbered, in batches.
 
     ``batches`` are ``(concept, objects)`` from :func:`run_tiled` (or any source of stitched
@@ -138,6 +138,7 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
     if pixel_size is None:
         pixel_size = (math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e))
     stats = stats if stats is not None else RunStats()
+    batch_objects = batch_objects or BATCH_OBJECTS
     next_id = first_id
     pending: list[tuple[int, object]] = []
     yielded = False
