@@ -10,6 +10,12 @@ a tiny random-weight SAM (real model code path, thresholds lowered so masks surv
     python benchmarks/raster_scale.py                      # 2k and 8k, both models
     python benchmarks/raster_scale.py --sizes 2000,8000,20000 --models oracle
     python benchmarks/raster_scale.py --sizes 2048 --models full
+    python benchmarks/raster_scale.py --objects 10000,300000 --objects-size 6000
+
+``--objects``: memory against the number of objects, one raster size. The scene holds about
+that many small rectangles (the cell shrinks as the count grows); the oracle runs as a tile
+job that returns every connected object of a tile (no decoder), with a label raster, so the
+run is all engine, spill, stitching, vectorising, streaming writes and label burning.
 
 Columns: peak RSS (MB), wall seconds, seconds per megapixel, the model share (time inside the
 automatic mask generator: encoder, decoder, filters) and non-model share (reading, spilling,
@@ -41,8 +47,8 @@ def _hash(a: np.ndarray, b: np.ndarray, salt: int) -> np.ndarray:
     return (h ^ (h >> np.uint64(15))) & np.uint64(0xFFFFFFFF)
 
 
-def write_scene(path: Path, size: int, strip: int = 512) -> Path:
-    """A size x size uint8 RGB GeoTIFF, one rectangle per 256 px cell, written by strips."""
+def write_scene(path: Path, size: int, strip: int = 512, cell: int = CELL) -> Path:
+    """A size x size uint8 RGB GeoTIFF, one rectangle per ``cell`` px cell, written by strips."""
     import rasterio
     from rasterio.windows import Window
 
@@ -54,16 +60,17 @@ def write_scene(path: Path, size: int, strip: int = 512) -> Path:
             "bigtiff": "IF_SAFER"}
     tmp = path.with_suffix(".part.tif")
     cols = np.arange(size)
-    cx, ox = cols // CELL, cols % CELL
+    cx, ox = cols // cell, cols % cell
+    lo, span = max(1, cell * 40 // 256), max(1, cell * 180 // 256)
     with rasterio.open(tmp, "w", **meta) as ds:
         for r0 in range(0, size, strip):
             rows = np.arange(r0, min(r0 + strip, size))
-            cy, oy = rows // CELL, rows % CELL
+            cy, oy = rows // cell, rows % cell
             cyy, cxx = np.meshgrid(cy, cx, indexing="ij")
-            w = 40 + _hash(cxx, cyy, 1) % 180  # rectangle size and offset inside its cell
-            h = 40 + _hash(cxx, cyy, 2) % 180
-            x0 = _hash(cxx, cyy, 3) % (CELL - w)
-            y0 = _hash(cxx, cyy, 4) % (CELL - h)
+            w = lo + _hash(cxx, cyy, 1) % span  # rectangle size and offset inside its cell
+            h = lo + _hash(cxx, cyy, 2) % span
+            x0 = _hash(cxx, cyy, 3) % (cell - w)  # at most cell - w - 1: a gap to the next
+            y0 = _hash(cxx, cyy, 4) % (cell - h)
             inside = ((ox[None, :] >= x0) & (ox[None, :] < x0 + w)
                       & (oy[:, None] >= y0) & (oy[:, None] < y0 + h))
             out = np.empty((3, rows.size, size), np.uint8)
@@ -83,7 +90,13 @@ def child(args) -> None:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kw = dict(tile_size=args.tile_size, overlap=args.tile_size // 4, scale="none", quiet=True,
               overwrite=True, keep_workdir=False)
-    if args.model == "oracle":
+    if args.model == "components":
+        from oracle import ComponentsJob, OracleAdapter
+
+        kw.update(adapter=OracleAdapter(background=BACKGROUND, flat=True),
+                  job=ComponentsJob(BACKGROUND), return_frame=False,
+                  label_raster=str(Path(args.output).with_suffix(".labels.tif")))
+    elif args.model == "oracle":
         from oracle import OracleAdapter
 
         kw.update(adapter=OracleAdapter(background=BACKGROUND, flat=True),
@@ -114,6 +127,8 @@ def main() -> None:
     ap.add_argument("--tile-size", type=int, default=1024)
     ap.add_argument("--oracle-points", type=int, default=8,
                     help="oracle runs: points per tile side (fewer: faster, same memory pattern)")
+    ap.add_argument("--objects", help="object counts (one raster size): memory vs objects")
+    ap.add_argument("--objects-size", type=int, default=6000)
     ap.add_argument("--dir", default=str(HERE.parent / ".bench"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -126,6 +141,9 @@ def main() -> None:
         return
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.objects:
+        objects_table(args, work)
+        return
     models = args.models.split(",")
     ckpts = {"tiny": work / "sam-vit-b-tiny", "full": work / "sam2.1_hiera_tiny_random.pt"}
     for name, path in ckpts.items():
@@ -143,15 +161,10 @@ def main() -> None:
         first_rss = None
         for size in (int(s) for s in args.sizes.split(",")):
             raster = write_scene(work / f"scene_{size}.tif", size)
-            cmd = [sys.executable, __file__, "--child", "--model", model, "--raster",
-                   str(raster), "--output", str(work / f"out_{model}_{size}.gpkg"),
-                   "--tile-size", str(args.tile_size), "--oracle-points", str(args.oracle_points),
-                   "--checkpoint", str(ckpts.get(model, ckpts["tiny"]))]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{model} {size}: failed\n{proc.stderr[-2000:]}", flush=True)
+            r = run_child(args, model, raster, work / f"out_{model}_{size}.gpkg",
+                          ckpts.get(model, ckpts["tiny"]))
+            if r is None:
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             mp = size * size / 1e6
             first_rss = first_rss or r["peak_rss_mb"]
             print(f"{model:7} {size:>6} {r['tiles']:>5} {r['objects']:>7} "
@@ -159,6 +172,36 @@ def main() -> None:
                   f"{100 * r['model_s'] / r['wall_s']:>7.1f} "
                   f"{100 * (1 - r['model_s'] / r['wall_s']):>7.1f}"
                   f"   (RSS x{r['peak_rss_mb'] / first_rss:.2f} of the smallest)", flush=True)
+
+
+def run_child(args, model: str, raster: Path, output: Path, checkpoint: Path) -> dict | None:
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--raster", str(raster),
+           "--output", str(output), "--tile-size", str(args.tile_size), "--oracle-points",
+           str(args.oracle_points), "--checkpoint", str(checkpoint)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"{model} {raster.name}: failed\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def objects_table(args, work: Path) -> None:
+    """Peak RSS against the number of objects on one raster size."""
+    size = args.objects_size
+    print(f"{'raster':>7} {'cell px':>7} {'objects':>8} {'tiles':>5} {'peak RSS MB':>11} "
+          f"{'wall s':>7} {'stitch s':>8} {'write s':>7}", flush=True)
+    first = None
+    for target in (int(n) for n in args.objects.split(",")):
+        cell = max(4, int(size / target ** 0.5))
+        raster = write_scene(work / f"scene_{size}_c{cell}.tif", size, cell=cell)
+        out = work / f"objects_{size}_c{cell}.gpkg"
+        r = run_child(args, "components", raster, out, work / "unused")
+        if r is None:
+            continue
+        first = first or r["peak_rss_mb"]
+        print(f"{size:>7} {cell:>7} {r['objects']:>8} {r['tiles']:>5} {r['peak_rss_mb']:>11.0f} "
+              f"{r['wall_s']:>7.1f} {r['stitch_s']:>8.1f} {r['write_s']:>7.1f}"
+              f"   (RSS x{r['peak_rss_mb'] / first:.2f} of the first)", flush=True)
 
 
 if __name__ == "__main__":

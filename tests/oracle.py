@@ -8,11 +8,14 @@ geometry from everything above the model layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy import ndimage
 
 from terrasam.models.base import Adapter, Embedding
+from terrasam.tiling import MaskRecord, TileProfile
 
 
 class OracleAdapter(Adapter):
@@ -113,3 +116,37 @@ class OracleAdapter(Adapter):
 
     def upscale(self, low_res_logits, embedding):
         return low_res_logits
+
+
+@dataclass(frozen=True)
+class ComponentsJob:
+    """The oracle as a tile job: each 8-connected group of non-background pixels is one object.
+
+    No decoder at all, so runs with hundreds of thousands of objects measure everything
+    around the model (engine, spill, stitching, vectorising, writing)."""
+
+    background: tuple = (20, 20, 20)
+    concepts: tuple = ("auto",)
+
+    def __call__(self, adapter, rgb, valid, profile=None):
+        fg = np.any(rgb != np.asarray(self.background, np.uint8), axis=-1)
+        if valid is not None:
+            fg &= valid
+        labels, _ = ndimage.label(fg, structure=np.ones((3, 3), bool))
+        records = []
+        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+            if sl is None:
+                continue
+            mask = labels[sl] == i
+            records.append(MaskRecord(mask, (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop),
+                                      int(mask.sum()), 0.96, 0.96))
+        if profile is not None:
+            profile.tiles += 1
+            profile.masks += len(records)
+        return records
+
+    def describe(self) -> dict:
+        return {"job": "components", "background": list(self.background)}
+
+    def new_profile(self) -> TileProfile:
+        return TileProfile()

@@ -6,6 +6,7 @@ writers, pictures) and records provenance; the work itself lives in the stage mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -113,6 +114,19 @@ def _frame_of(kept: list, schema):
     return frame.set_crs(schema.crs, allow_override=True) if schema.crs else frame
 
 
+@contextlib.contextmanager
+def _engine(engine, client):
+    """The engine to run on; one made here from a name (and its cluster) is closed after."""
+    from terrasam.engines import get_engine
+
+    runner = get_engine(engine, client=client)
+    try:
+        yield runner
+    finally:
+        if runner is not engine and hasattr(runner, "close"):
+            runner.close()
+
+
 def _pictures(reader, vectors, preview, map_, overwrite: bool) -> None:
     from terrasam import viz
 
@@ -145,12 +159,14 @@ def segment(
     dtype: str = "auto",
     compile: bool = False,
     engine: Any = "local",
+    client: Any = None,
     workdir: PathLike | None = None,
     keep_workdir: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
     return_frame: bool = True,
     adapter: Any = None,
+    job: Any = None,
     merge_iou: float = 0.5,
     merge_ios: float = 0.8,
     **amg_params: Any,
@@ -179,7 +195,9 @@ def segment(
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: auto, float32, bfloat16 or float16.
         compile: torch.compile the model.
-        engine: "local" (this process) or an engine object.
+        engine: "local" (this process), "dask" (with ``client``, a ``distributed.Client``),
+            "dask-local" (a LocalCluster here) or an engine object.
+        client: the Dask client of ``engine="dask"``.
         workdir: where finished tiles are kept so that the same call resumes after a kill;
             default ``OUTPUT.terrasam-work``.
         keep_workdir: keep the work directory after success.
@@ -188,6 +206,8 @@ def segment(
         return_frame: return the objects as a GeoDataFrame; False keeps memory flat in the
             number of objects (the frame returned then only has the columns).
         adapter: an already loaded model (then model/checkpoint/device/dtype are unused).
+        job: a tile job to run instead of the automatic mask generator (see
+            ``terrasam.tiling.TileJob``; the amg options are then unused).
         merge_iou, merge_ios: how alike two parts in a tile overlap must be to merge.
         **amg_params: generator options under their upstream names (points_per_side,
             pred_iou_thresh, ...), ``fast``, ``coverage_passes``.
@@ -206,10 +226,10 @@ def segment(
     src = Path(raster).expanduser()
     ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
                            fast=_is_fast(amg, amg_params), adapter=adapter)
-    with pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
-                                          scale=scale) as reader:
+    with _engine(engine, client) as engine, pipeline.gdal_env(), \
+            open_raster(src, bands=bands, nodata=nodata, scale=scale) as reader:
         loaded = ref.load()
-        job = AmgJob(_amg_params(loaded.family, amg, amg_params))
+        job = job if job is not None else AmgJob(_amg_params(loaded.family, amg, amg_params))
         grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
         run = _Tiled(reader, src, grid, tiles, ref, loaded, scale, gsd, None, engine,
                      merge_iou, merge_ios, quiet)
@@ -245,7 +265,7 @@ def segment(
                 device=str(loaded.device), dtype=str(loaded.dtype), simplify=simplify,
                 min_area=min_area, fill_holes=fill_holes, merge_iou=merge_iou,
                 merge_ios=merge_ios, label_raster=str(label_out) if label_out else None,
-                amg=dataclasses.asdict(job.params), tiles=len(tiles), objects=stats.objects)
+                **job.describe(), tiles=len(tiles), objects=stats.objects)
             if label_out is not None:
                 io.write_label_raster(label_out, writer, grid.width, grid.height,
                                       grid.transform, reader.crs, overwrite=overwrite,
@@ -297,6 +317,7 @@ def prompt(
     fill_holes: str | float | None = None,
     compile: bool = False,
     engine: Any = "local",
+    client: Any = None,
     workdir: PathLike | None = None,
     keep_workdir: bool = False,
     overwrite: bool = False,
@@ -330,7 +351,7 @@ def prompt(
         tile_size, overlap: the tiling of text prompts; default the model's input, a quarter.
         gsd: the working resolution (metres) of every window and tile.
         simplify, min_area, fill_holes: cleaning, as in ``segment``.
-        engine: the engine of text prompts ("local" or an engine object).
+        engine, client: the engine of text prompts, as in ``segment``.
         workdir: text prompts: where finished tiles are kept for resuming; default
             ``OUTPUT.terrasam-work`` (none without an output).
         keep_workdir: keep the work directory after success.
@@ -372,8 +393,9 @@ def prompt(
                            text=bool(texts), adapter=adapter)
     src = Path(raster).expanduser()
 
-    with pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
-                                          scale=scale) as reader:
+    with _engine(engine if texts else "local", client if texts else None) as engine, \
+            pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
+                                             scale=scale) as reader:
         px_scale = grid_scale(reader.transform, gsd, reader.ground_res if gsd else None)
         prompts, live, plans, report = [], [], {}, sources.Report()
         if points is not None or boxes is not None:

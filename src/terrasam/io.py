@@ -282,6 +282,7 @@ class VectorWriter:
         self._closed = False
         self._types: set = set()  # geometry types and bounds written, for GeoParquet
         self._bounds = None
+        self._layer_type = "MultiPolygon"
 
     def __enter__(self):
         return self
@@ -314,13 +315,19 @@ class VectorWriter:
         batch = (self._buffer[0] if len(self._buffer) == 1
                  else pd.concat(self._buffer, ignore_index=True))
         self._buffer, self._buffered = [], 0
+        polygonal = bool(batch.geometry.geom_type.isin(["Polygon", "MultiPolygon"]).all())
+        if not self._staged:
+            self._layer_type = "MultiPolygon" if polygonal else "Unknown"
+        # one geometry type for the whole layer, whatever mix a batch holds (GIS programs,
+        # Shapefile and FlatGeobuf want one): polygons are written as multipolygons
+        promote = polygonal and self._layer_type == "MultiPolygon"
         self._stage_write(lambda: pyogrio.write_dataframe(
             batch, self._stage, layer=self.layer, driver="GPKG", append=self._staged,
-            geometry_type="Unknown"))
+            geometry_type=self._layer_type, promote_to_multi=promote))
         self._staged = True
         self.features += len(batch)
         geoms = batch.geometry.values
-        self._types.update(t for t in geoms.geom_type if t)
+        self._types.update(["MultiPolygon"] if promote else [t for t in geoms.geom_type if t])
         if len(batch):
             b = geoms.total_bounds
             self._bounds = b if self._bounds is None else np.concatenate(
@@ -357,7 +364,7 @@ class VectorWriter:
                 raise ValueError("nothing was written to the vector output")
             self._stage_write(lambda: pyogrio.write_dataframe(
                 self._schema, self._stage, layer=self.layer, driver="GPKG",
-                geometry_type="Polygon"))
+                geometry_type="MultiPolygon"))
             self._staged = True
         provenance = dict(_jsonable(provenance or {}))
         output_info = {"format": self.driver, "features": int(self.features)}
@@ -425,7 +432,7 @@ class VectorWriter:
             if to_wgs84:
                 empty = empty.to_crs("EPSG:4326")
             pyogrio.write_dataframe(empty, tmp, layer=self.layer, driver=self.driver,
-                                    geometry_type="Polygon")
+                                    geometry_type="MultiPolygon")
             return
         geometry, schema = first[0], first[1].schema
 
@@ -437,7 +444,7 @@ class VectorWriter:
 
         reader = pa.RecordBatchReader.from_batches(schema, stream())
         pyogrio.write_arrow(reader, tmp, layer=self.layer, driver=self.driver,
-                            geometry_name=geometry, geometry_type="Unknown",
+                            geometry_name=geometry, geometry_type=self._layer_type,
                             crs="EPSG:4326" if to_wgs84 else _crs_wkt(crs))
 
     def _to_parquet(self, tmp: Path, provenance_json: str) -> None:

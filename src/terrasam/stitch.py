@@ -213,17 +213,33 @@ class Stitcher:
     def _match(self, new: list[_Part], old: list[_Part], shared) -> None:
         nb = np.array([(p.x0, p.y0, p.x1, p.y1) for p in new])
         ob = np.array([(q.x0, q.y0, q.x1, q.y1) for q in old])
-        # each pair's intersection, also clipped to the shared region
-        x0 = np.maximum(np.maximum(nb[:, None, 0], ob[None, :, 0]), shared[0])
-        y0 = np.maximum(np.maximum(nb[:, None, 1], ob[None, :, 1]), shared[1])
-        x1 = np.minimum(np.minimum(nb[:, None, 2], ob[None, :, 2]), shared[2])
-        y1 = np.minimum(np.minimum(nb[:, None, 3], ob[None, :, 3]), shared[3])
-        ii, jj = np.nonzero((x0 < x1) & (y0 < y1))
+        # each part clipped to the shared region; pairs of clipped boxes that overlap, found
+        # with a spatial index (a dense new x old comparison grows with the square of the
+        # objects per tile)
+        nc = np.concatenate([np.maximum(nb[:, :2], shared[:2]), np.minimum(nb[:, 2:], shared[2:])],
+                            axis=1)
+        oc = np.concatenate([np.maximum(ob[:, :2], shared[:2]), np.minimum(ob[:, 2:], shared[2:])],
+                            axis=1)
+        n_live = np.flatnonzero((nc[:, 0] < nc[:, 2]) & (nc[:, 1] < nc[:, 3]))
+        o_live = np.flatnonzero((oc[:, 0] < oc[:, 2]) & (oc[:, 1] < oc[:, 3]))
+        if not len(n_live) or not len(o_live):
+            return
+        tree = shapely.STRtree(shapely.box(*oc[o_live].T))
+        qi, ti = tree.query(shapely.box(*nc[n_live].T), predicate="intersects")
+        ii, jj = n_live[qi], o_live[ti]
+        x0 = np.maximum(nc[ii, 0], oc[jj, 0])
+        y0 = np.maximum(nc[ii, 1], oc[jj, 1])
+        x1 = np.minimum(nc[ii, 2], oc[jj, 2])
+        y1 = np.minimum(nc[ii, 3], oc[jj, 3])
+        ok = (x0 < x1) & (y0 < y1)  # boxes that only touch share no pixel
+        ii, jj, x0, y0, x1, y1 = ii[ok], jj[ok], x0[ok], y0[ok], x1[ok], y1[ok]
+        order = np.lexsort((jj, ii))  # the pairs in the order of the dense scan before
+        ii, jj, x0, y0, x1, y1 = ii[order], jj[order], x0[order], y0[order], x1[order], y1[order]
         n_in: dict[int, int] = {}
         o_in: dict[int, int] = {}
-        for i, j in zip(ii.tolist(), jj.tolist()):
+        for k, (i, j) in enumerate(zip(ii.tolist(), jj.tolist())):
             p, q = new[i], old[j]
-            r = (int(x0[i, j]), int(y0[i, j]), int(x1[i, j]), int(y1[i, j]))
+            r = (int(x0[k]), int(y0[k]), int(x1[k]), int(y1[k]))
             inter = int(np.count_nonzero(_window(p, r) & _window(q, r)))
             if inter == 0:
                 continue

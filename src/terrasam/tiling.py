@@ -193,6 +193,12 @@ class TileSpec:
         """(height, width) of the tile in processing pixels."""
         return (self.height, self.width)
 
+    @property
+    def label(self) -> str:
+        """The tile in words, for messages: its index and source window."""
+        c, r, w, h = (round(float(v), 2) for v in self.window)
+        return f"tile {self.index} (window col {c:g}, row {r:g}, {w:g} x {h:g} px)"
+
     def read(self, reader, resampling="bilinear"):
         """Read this tile from a RasterReader: (rgb uint8 (h, w, 3), valid (h, w))."""
         return reader.read(self.window, out_shape=self.shape, resampling=resampling)

@@ -118,6 +118,30 @@ def run_options(f):
     )(f)
 
 
+def engine_options(f):
+    """--engine, --scheduler, --workers, --threads-per-worker."""
+    return _stack(
+        click.option("--engine", default="local", show_default=True,
+                     type=click.Choice(["local", "dask", "dask-local"]),
+                     help="Where tiles run: this process, a Dask cluster (--scheduler), or a "
+                          "Dask LocalCluster on this machine."),
+        click.option("--scheduler", metavar="ADDRESS",
+                     help="--engine dask: the scheduler, e.g. tcp://10.0.0.5:8786."),
+        click.option("--workers", type=click.IntRange(1), metavar="N",
+                     help="--engine dask-local: worker processes (default: one per core)."),
+        click.option("--threads-per-worker", type=click.IntRange(1), default=1,
+                     show_default=True, metavar="T", help="--engine dask-local: threads each."),
+    )(f)
+
+
+def pop_engine(kw: dict):
+    """The engine object for the engine options in ``kw`` (removed from it)."""
+    from terrasam.engines import get_engine
+
+    return get_engine(kw.pop("engine"), scheduler=kw.pop("scheduler"),
+                      workers=kw.pop("workers"), threads_per_worker=kw.pop("threads_per_worker"))
+
+
 def apply_config(ctx: click.Context, values: dict, path, command: str) -> dict:
     """Fill options the user did not give on the command line from a config file."""
     from terrasam.config import load_config

@@ -6,7 +6,9 @@ import click
 
 from terrasam.cli.options import (
     apply_config,
+    engine_options,
     model_options,
+    pop_engine,
     raster_options,
     run_options,
     tiling_options,
@@ -53,12 +55,12 @@ from terrasam.cli.options import (
 @click.option("--preview", metavar="PNG", help="Also write a PNG of the objects over the image.")
 @click.option("--map", "map_", metavar="HTML", help="Also write an HTML map of image and objects.")
 @run_options
+@engine_options
 @click.pass_context
 def prompt(ctx, **kw):
     """Segment the objects under point/box prompts, or every instance of --text, in RASTER."""
     from terrasam.errors import TerrasamError
     from terrasam.prompts import parse_box, parse_point
-    from terrasam.raster import parse_bands
 
     config = kw.pop("config")
     if config:
@@ -76,7 +78,24 @@ def prompt(ctx, **kw):
 
     from terrasam import api
 
-    gdf = api.prompt(
+    engine = pop_engine(kw)
+    try:
+        gdf = _run(api, kw, points, boxes, engine, warn)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+    if not quiet:
+        info = gdf.attrs["terrasam"]
+        extra = "".join(f", {p}" for p in (kw["preview"], kw["map_"]) if p)
+        texts = f" and {len(info['texts'])} text prompts" if info["texts"] else ""
+        click.echo(f"{info['objects']} objects from {info['prompts']} prompts{texts} "
+                   f"-> {info['output']}{extra}")
+
+
+def _run(api, kw: dict, points, boxes, engine, warn):
+    from terrasam.raster import parse_bands
+
+    return api.prompt(
         kw["raster"], kw["output"], points=points, boxes=boxes, text=list(kw["text"]) or None,
         crs=kw["crs"], label_field=kw["label_field"], group_field=kw["group_field"],
         model=kw["model"], checkpoint=kw["checkpoint"], device=kw["device"], dtype=kw["dtype"],
@@ -86,10 +105,4 @@ def prompt(ctx, **kw):
         tile_size=kw["tile_size"], overlap=kw["overlap"], gsd=kw["gsd"],
         simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"],
         workdir=kw["workdir"], keep_workdir=kw["keep_workdir"], overwrite=kw["overwrite"],
-        preview=kw["preview"], map=kw["map_"], quiet=quiet, warn=warn)
-    if not quiet:
-        info = gdf.attrs["terrasam"]
-        extra = "".join(f", {p}" for p in (kw["preview"], kw["map_"]) if p)
-        texts = f" and {len(info['texts'])} text prompts" if info["texts"] else ""
-        click.echo(f"{info['objects']} objects from {info['prompts']} prompts{texts} "
-                   f"-> {info['output']}{extra}")
+        preview=kw["preview"], map=kw["map_"], quiet=kw["quiet"], engine=engine, warn=warn)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from terrasam.engines.workdir import WorkDir
+from terrasam.errors import TerrasamError
 
 
 class Timings:
@@ -29,8 +30,16 @@ class Timings:
 
 
 def read_tile(reader, tile):
-    """(rgb, valid) of a tile, read at its processing resolution."""
-    return tile.read(reader)
+    """(rgb, valid) of a tile, read at its processing resolution; a read error (a corrupt
+    block, a file cut short) becomes one sentence naming the file and the tile."""
+    from rasterio.errors import RasterioError
+
+    try:
+        return tile.read(reader)
+    except RasterioError as exc:
+        text = str(exc).strip().splitlines()
+        reason = text[0].rstrip(".") if text else type(exc).__name__
+        raise TerrasamError(f"cannot read {tile.label} of {reader.path}: {reason}") from None
 
 
 def run_tiles(tiles: Sequence, reader, job, model, *, workdir: WorkDir | None = None,
