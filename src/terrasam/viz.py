@@ -401,8 +401,9 @@ def _leaflet_dir() -> Path | None:
     return folder if ok else None
 
 
-def _leaflet_inline() -> str | None:
-    """Leaflet's JS and CSS (images as data URIs) as one HTML fragment, or None if absent."""
+def leaflet_assets() -> tuple[str, str] | None:
+    """Leaflet's (JS, CSS) from the vendored wheel, the CSS's images as data URIs; None if
+    absent. (The HTML map inlines them; ``terrasam serve`` serves them.)"""
     leaflet_dir = _leaflet_dir()
     if leaflet_dir is None:
         return None
@@ -411,7 +412,15 @@ def _leaflet_inline() -> str | None:
     for png in sorted((leaflet_dir / "images").glob("*.png")):
         uri = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
         css = css.replace(f"url(images/{png.name})", f"url({uri})")
-    js = js_path.read_text(encoding="utf-8")
+    return js_path.read_text(encoding="utf-8"), css
+
+
+def _leaflet_inline() -> str | None:
+    """Leaflet's JS and CSS (images as data URIs) as one HTML fragment, or None if absent."""
+    assets = leaflet_assets()
+    if assets is None:
+        return None
+    js, css = assets
     return f"<style>\n{css}\n</style>\n<script>\n{js}\n</script>\n"
 
 

@@ -19,6 +19,7 @@ COMMANDS = {
     "prompt": "terrasam.cli.prompt:prompt",
     "preview": "terrasam.cli.preview:preview",
     "map": "terrasam.cli.preview:map_",
+    "serve": "terrasam.cli.serve:serve",
 }
 
 

@@ -113,12 +113,15 @@ def _decode_window(adapter, embedding, items, valid, multimask_all: bool, parts:
 
 def run_point_box(reader, adapter, prompts: list[Prompt], plans: dict, report: Report, *,
                   multimask_all=False, parts="all", max_downsample=MAX_DOWNSAMPLE,
-                  scale=1.0, max_grow=MAX_GROW, quiet=True, warn=None) -> list[dict]:
+                  scale=1.0, max_grow=MAX_GROW, quiet=True, warn=None,
+                  embed=None) -> list[dict]:
     """Segment each placed prompt; returns rows (prompt_id, type, geometry, score, ...).
 
     Prompts sharing a window share one embedding. When the best mask is cut by a window edge
     inside the raster, the prompt is run again (up to ``max_grow`` times) in a window grown
     past that edge, read downsampled when it exceeds the model's input size.
+    ``embed(plan, rgb)`` gives the embedding of a window's image (default
+    ``adapter.embed(rgb)``): where a cache of embeddings per window plugs in.
     """
     from terrasam.progress import Progress
     from terrasam.vectorize import mask_to_geometry
@@ -147,7 +150,7 @@ def run_point_box(reader, adapter, prompts: list[Prompt], plans: dict, report: R
                     continue
                 items.append((p, xy, labels, box))
             if items:
-                embedding = adapter.embed(rgb)
+                embedding = adapter.embed(rgb) if embed is None else embed(plan, rgb)
                 transform = plan.transform(reader.transform)
                 moved = set()
                 for p, mask, score, rank in _decode_window(adapter, embedding, items, valid,
