@@ -11,11 +11,16 @@ a tiny random-weight SAM (real model code path, thresholds lowered so masks surv
     python benchmarks/raster_scale.py --sizes 2000,8000,20000 --models oracle
     python benchmarks/raster_scale.py --sizes 2048 --models full
     python benchmarks/raster_scale.py --objects 10000,300000 --objects-size 6000
+    python benchmarks/raster_scale.py --stats mean,std,min,max,median,count --sizes 2000,20000
 
 ``--objects``: memory against the number of objects, one raster size. The scene holds about
 that many small rectangles (the cell shrinks as the count grows); the oracle runs as a tile
 job that returns every connected object of a tile (no decoder), with a label raster, so the
 run is all engine, spill, stitching, vectorising, streaming writes and label burning.
+
+``--stats``: the oracle run twice per size, without and with per-object statistics (the listed
+ones over every band, plus the band expression ``--stats-index``), so the table shows what the
+statistics add: peak RSS and seconds.
 
 Columns: peak RSS (MB), wall seconds, seconds per megapixel, the model share (time inside the
 automatic mask generator: encoder, decoder, filters) and non-model share (reading, spilling,
@@ -108,6 +113,8 @@ def child(args) -> None:
     else:
         kw.update(checkpoint=args.checkpoint, device="cpu", points_per_side=4,
                   pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=100)
+    if args.stats:
+        kw.update(stats=args.stats, index=[args.stats_index] if args.stats_index else None)
     t0 = time.perf_counter()
     gdf = api.segment(args.raster, args.output, **kw)
     wall = time.perf_counter() - t0
@@ -129,6 +136,10 @@ def main() -> None:
                     help="oracle runs: points per tile side (fewer: faster, same memory pattern)")
     ap.add_argument("--objects", help="object counts (one raster size): memory vs objects")
     ap.add_argument("--objects-size", type=int, default=6000)
+    ap.add_argument("--stats", help="statistics (e.g. mean,std,count): oracle runs with and "
+                                    "without them, per size")
+    ap.add_argument("--stats-index", default="gr=(b2-b1)/(b2+b1)",
+                    help="--stats runs: a band expression that also gets the statistics")
     ap.add_argument("--dir", default=str(HERE.parent / ".bench"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -143,6 +154,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.objects:
         objects_table(args, work)
+        return
+    if args.stats:
+        stats_table(args, work)
         return
     models = args.models.split(",")
     ckpts = {"tiny": work / "sam-vit-b-tiny", "full": work / "sam2.1_hiera_tiny_random.pt"}
@@ -174,10 +188,11 @@ def main() -> None:
                   f"   (RSS x{r['peak_rss_mb'] / first_rss:.2f} of the smallest)", flush=True)
 
 
-def run_child(args, model: str, raster: Path, output: Path, checkpoint: Path) -> dict | None:
+def run_child(args, model: str, raster: Path, output: Path, checkpoint: Path,
+              extra: tuple = ()) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--model", model, "--raster", str(raster),
            "--output", str(output), "--tile-size", str(args.tile_size), "--oracle-points",
-           str(args.oracle_points), "--checkpoint", str(checkpoint)]
+           str(args.oracle_points), "--checkpoint", str(checkpoint), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"{model} {raster.name}: failed\n{proc.stderr[-2000:]}", flush=True)
@@ -202,6 +217,33 @@ def objects_table(args, work: Path) -> None:
         print(f"{size:>7} {cell:>7} {r['objects']:>8} {r['tiles']:>5} {r['peak_rss_mb']:>11.0f} "
               f"{r['wall_s']:>7.1f} {r['stitch_s']:>8.1f} {r['write_s']:>7.1f}"
               f"   (RSS x{r['peak_rss_mb'] / first:.2f} of the first)", flush=True)
+
+
+
+def stats_table(args, work: Path) -> None:
+    """What per-object statistics add to an oracle run: peak RSS and seconds, per size."""
+    print(f"{'size':>6} {'tiles':>5} {'objects':>7} {'columns':>7} {'RSS MB':>7} "
+          f"{'+stats MB':>9} {'wall s':>7} {'+stats s':>8} {'added s':>7} {'added %':>7}",
+          flush=True)
+    extra = ("--stats", args.stats, "--stats-index", args.stats_index or "")
+    first = None
+    for size in (int(s) for s in args.sizes.split(",")):
+        raster = write_scene(work / f"scene_{size}.tif", size)
+        plain = run_child(args, "oracle", raster, work / f"out_oracle_{size}.gpkg", work)
+        stats = run_child(args, "oracle", raster, work / f"out_stats_{size}.gpkg", work, extra)
+        if plain is None or stats is None:
+            continue
+        import geopandas as gpd
+
+        columns = len(gpd.read_file(work / f"out_stats_{size}.gpkg", rows=1).columns) - \
+            len(gpd.read_file(work / f"out_oracle_{size}.gpkg", rows=1).columns)
+        added = stats["wall_s"] - plain["wall_s"]
+        first = first or stats["peak_rss_mb"]
+        print(f"{size:>6} {stats['tiles']:>5} {stats['objects']:>7} {columns:>7} "
+              f"{plain['peak_rss_mb']:>7.0f} {stats['peak_rss_mb']:>9.0f} "
+              f"{plain['wall_s']:>7.1f} {stats['wall_s']:>8.1f} {added:>7.1f} "
+              f"{100 * added / plain['wall_s']:>7.1f}"
+              f"   (+stats RSS x{stats['peak_rss_mb'] / first:.2f} of the smallest)", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ from terrasam.errors import TerrasamError
 __all__ = ["segment", "prompt"]
 
 PathLike = str | os.PathLike
+# columns of every object before the analysis options add theirs (``--where`` can use them;
+# not ``id``, which numbers the objects that are kept); the second tuple holds text
+_SEGMENT_COLUMNS = (("area_m2", "perimeter_m", "predicted_iou", "stability_score", "model",
+                     "prompt", "tiles"), ("model", "prompt"))
+_PROMPT_COLUMNS = (("area_m2", "perimeter_m", "prompt_id", "prompt_type", "prompt",
+                    "prompt_crs", "score", "model"), ("prompt_type", "prompt", "prompt_crs",
+                                                      "model"))
 
 
 def _input_identity(path) -> dict:
@@ -81,14 +88,14 @@ def _open_workdir(path, run: _Tiled, job):
     return WorkDir(path, _work_params(run, job)) if path is not None else None
 
 
-def _summary(stats, run: _Tiled) -> dict:
-    t = stats.timings
+def _summary(run_stats, run: _Tiled) -> dict:
+    t = run_stats.timings
     profile = t.profile.as_dict() if t.profile is not None else None
-    return {"tiles": stats.tiles, "tiles_run": t.tiles_run, "tiles_resumed": t.tiles_resumed,
+    return {"tiles": run_stats.tiles, "tiles_run": t.tiles_run, "tiles_resumed": t.tiles_resumed,
             "grid": [run.grid.width, run.grid.height], "tile_size": run.grid.tile_size,
             "overlap": run.grid.overlap, "gsd": run.gsd, "model_s": t.model,
-            "read_wait_s": t.read_wait, "spill_s": t.spill, "stitch_s": stats.stitch_s,
-            "peak_held_pixels": stats.peak_held_pixels, "amg": profile,
+            "read_wait_s": t.read_wait, "spill_s": t.spill, "stitch_s": run_stats.stitch_s,
+            "peak_held_pixels": run_stats.peak_held_pixels, "amg": profile,
             "coverage": profile["coverage"] if profile else None}
 
 
@@ -155,6 +162,14 @@ def segment(
     simplify: str | float | None = None,
     min_area: str | float | None = None,
     fill_holes: str | float | None = None,
+    regularize: bool | str | float = False,
+    regularize_45: bool = False,
+    smooth: bool | str | float = False,
+    stats: str | Sequence[str] | None = None,
+    stats_bands: Sequence[int] | None = None,
+    index: str | Sequence[str] | dict | None = None,
+    shape: bool = False,
+    where: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
     compile: bool = False,
@@ -192,6 +207,14 @@ def segment(
         simplify: simplify tolerance in pixels, or with a unit ("0.5m").
         min_area: drop parts smaller than this (pixels, or "20m2").
         fill_holes: fill holes smaller than this (pixels, or "5m2").
+        regularize: straighten outlines to right angles (buildings): True, or a tolerance.
+        regularize_45: with ``regularize``, also allow 45° edges.
+        smooth: smooth natural outlines, neighbours kept apart: True, or a sigma ("1m").
+        stats: per-object raster statistics (mean, std, min, max, median, count, sum).
+        stats_bands: 1-based bands that get statistics; default all bands of the input.
+        index: named band expressions that get statistics, e.g. "ndvi=(b4-b1)/(b4+b1)".
+        shape: add shape measures (compactness, elongation, solidity, orientation, ...).
+        where: keep only objects satisfying this, e.g. "area_m2 > 50 and ndvi_mean < 0.2".
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: auto, float32, bfloat16 or float16.
         compile: torch.compile the model.
@@ -217,9 +240,13 @@ def segment(
     from terrasam import io, pipeline
     from terrasam.amg import AmgJob
     from terrasam.models.ref import ModelRef
+    from terrasam.objects import ObjectOptions
     from terrasam.raster import open_raster
 
     started = time.perf_counter()
+    analysis = ObjectOptions.build(regularize=regularize, regularize_45=regularize_45,
+                                   smooth=smooth, stats=stats, stats_bands=stats_bands,
+                                   index=index, shape=shape, where=where)
     outs = io.check_outputs({"vector": output, "raster": label_raster, "preview": preview,
                              "map": map}, overwrite, input=raster)
     out, label_out = outs["vector"], outs.get("raster")
@@ -228,6 +255,7 @@ def segment(
                            fast=_is_fast(amg, amg_params), adapter=adapter)
     with _engine(engine, client) as engine, pipeline.gdal_env(), \
             open_raster(src, bands=bands, nodata=nodata, scale=scale) as reader:
+        finish = analysis.finisher(reader, *_SEGMENT_COLUMNS, nodata=nodata)  # before the model
         loaded = ref.load()
         job = job if job is not None else AmgJob(_amg_params(loaded.family, amg, amg_params))
         grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
@@ -235,7 +263,7 @@ def segment(
                      merge_iou, merge_ios, quiet)
         run.workdir = _open_workdir(Path(workdir) if workdir else
                                     out.with_name(out.name + ".terrasam-work"), run, job)
-        stats = pipeline.RunStats()
+        run_stats = pipeline.RunStats()
         model_id = loaded.model_id
 
         def columns(concepts, objects):
@@ -249,10 +277,10 @@ def segment(
 
         batches = pipeline.run_tiled(reader, grid, tiles, job, ref, engine=engine,
                                      workdir=run.workdir, merge_iou=merge_iou,
-                                     merge_ios=merge_ios, quiet=quiet, stats=stats)
+                                     merge_ios=merge_ios, quiet=quiet, stats=run_stats)
         frames = pipeline.frames(batches, grid.transform, reader.crs, columns=columns,
                                  simplify=simplify, min_area=min_area, fill_holes=fill_holes,
-                                 stats=stats)
+                                 **analysis.clean_options(), finish=finish, stats=run_stats)
         with io.VectorWriter(out, overwrite=overwrite) as writer:
             kept, schema = _stream(frames, writer, return_frame)
             t0 = time.perf_counter()
@@ -265,7 +293,8 @@ def segment(
                 device=str(loaded.device), dtype=str(loaded.dtype), simplify=simplify,
                 min_area=min_area, fill_holes=fill_holes, merge_iou=merge_iou,
                 merge_ios=merge_ios, label_raster=str(label_out) if label_out else None,
-                **job.describe(), tiles=len(tiles), objects=stats.objects)
+                **job.describe(), **analysis.describe(), tiles=len(tiles),
+                objects=run_stats.objects)
             if label_out is not None:
                 io.write_label_raster(label_out, writer, grid.width, grid.height,
                                       grid.transform, reader.crs, overwrite=overwrite,
@@ -279,8 +308,9 @@ def segment(
     gdf.attrs["terrasam"] = {
         "output": str(out), "label_raster": str(label_out) if label_out else None,
         "preview": str(outs["preview"]) if preview else None,
-        "map": str(outs["map"]) if map else None, "objects": stats.objects, **_summary(stats, run),
-        "wall_s": time.perf_counter() - started, "write_s": t_write + stats.clean_s,
+        "map": str(outs["map"]) if map else None, "objects": run_stats.objects,
+        **_summary(run_stats, run),
+        "wall_s": time.perf_counter() - started, "write_s": t_write + run_stats.clean_s,
         "workdir": str(run.workdir.path) if keep_workdir and run.workdir else None,
     }
     return gdf
@@ -315,6 +345,14 @@ def prompt(
     simplify: str | float | None = None,
     min_area: str | float | None = None,
     fill_holes: str | float | None = None,
+    regularize: bool | str | float = False,
+    regularize_45: bool = False,
+    smooth: bool | str | float = False,
+    stats: str | Sequence[str] | None = None,
+    stats_bands: Sequence[int] | None = None,
+    index: str | Sequence[str] | dict | None = None,
+    shape: bool = False,
+    where: str | None = None,
     compile: bool = False,
     engine: Any = "local",
     client: Any = None,
@@ -351,6 +389,8 @@ def prompt(
         tile_size, overlap: the tiling of text prompts; default the model's input, a quarter.
         gsd: the working resolution (metres) of every window and tile.
         simplify, min_area, fill_holes: cleaning, as in ``segment``.
+        regularize, regularize_45, smooth: outlines, as in ``segment``.
+        stats, stats_bands, index, shape, where: attributes and filter, as in ``segment``.
         engine, client: the engine of text prompts, as in ``segment``.
         workdir: text prompts: where finished tiles are kept for resuming; default
             ``OUTPUT.terrasam-work`` (none without an output).
@@ -366,6 +406,7 @@ def prompt(
     """
     from terrasam import io, pipeline
     from terrasam.models.ref import ModelRef
+    from terrasam.objects import ObjectOptions
     from terrasam.prompts import decode, sources, windows
     from terrasam.raster import open_raster
     from terrasam.text import TextJob
@@ -385,6 +426,9 @@ def prompt(
         raise TerrasamError(f"the score threshold must be between 0 and 1, got {score_threshold}.")
     if output is None and (preview is not None or map is not None):
         raise TerrasamError("a preview or map needs an output file.")
+    analysis = ObjectOptions.build(regularize=regularize, regularize_45=regularize_45,
+                                   smooth=smooth, stats=stats, stats_bands=stats_bands,
+                                   index=index, shape=shape, where=where)
     outs = io.check_outputs({"vector": output, "preview": preview, "map": map}, overwrite,
                             input=raster)
     out = outs.get("vector")
@@ -409,6 +453,9 @@ def prompt(
                 raise TerrasamError(
                     f"{which} outside the raster ({sources._raster_bounds_text(reader)}); "
                     "check their CRS (--crs).")
+        base, text_cols = _PROMPT_COLUMNS
+        finish = analysis.finisher(reader, base + (("rank",) if multimask_all else ()),
+                                   text_cols, nodata=nodata)  # checked before the model loads
         loaded = ref.load()
         if texts and loaded.family != "sam3":
             raise TerrasamError(
@@ -440,12 +487,15 @@ def prompt(
 
         geoms = clean(np.array([r["geometry"] for r in rows], dtype=object), simplify=simplify,
                       min_area=min_area, fill_holes=fill_holes, crs=reader.crs,
-                      pixel_size=reader.res)
+                      pixel_size=reader.res, **analysis.clean_options())
         keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
         first = to_frame(geoms[keep], reader.crs,
                          prompt_columns([rows[i] for i in keep]))
+        if finish is not None:
+            first = finish(first)
+            first["id"] = np.arange(1, len(first) + 1, dtype=np.int64)
         stream = [first]
-        run, stats, job = None, None, None
+        run, run_stats, job = None, None, None
         if texts:
             job = TextJob(tuple(texts), score_threshold, mask_threshold)
             grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
@@ -453,7 +503,7 @@ def prompt(
                          quiet=quiet)
             default_work = out.with_name(out.name + ".terrasam-work") if out else None
             run.workdir = _open_workdir(Path(workdir) if workdir else default_work, run, job)
-            stats = pipeline.RunStats()
+            run_stats = pipeline.RunStats()
             first_id = len(prompts) + 1
 
             def text_columns(concepts, objects):
@@ -463,11 +513,12 @@ def prompt(
                     for k, o in zip(concepts.tolist(), objects)])
 
             batches = pipeline.run_tiled(reader, grid, tiles, job, ref, engine=engine,
-                                         workdir=run.workdir, quiet=quiet, stats=stats)
+                                         workdir=run.workdir, quiet=quiet, stats=run_stats)
             stream = _chain_frames(first, pipeline.frames(
                 batches, grid.transform, reader.crs, columns=text_columns,
                 first_id=len(first) + 1, simplify=simplify, min_area=min_area,
-                fill_holes=fill_holes, pixel_size=reader.res, stats=stats))
+                fill_holes=fill_holes, pixel_size=reader.res, **analysis.clean_options(),
+                finish=finish, stats=run_stats))
         writer = io.VectorWriter(out, overwrite=overwrite) if out is not None else None
         try:
             kept, schema = _stream(stream, writer, True)
@@ -483,8 +534,9 @@ def prompt(
                     group_field=group_field, multimask_all=multimask_all, parts=parts,
                     score_threshold=score_threshold, mask_threshold=mask_threshold,
                     tile_size=tile_size, overlap=overlap, gsd=gsd, simplify=simplify,
-                    min_area=min_area, fill_holes=fill_holes, device=str(loaded.device),
-                    dtype=str(loaded.dtype), skipped=report.to_dict(), objects=len(gdf))
+                    min_area=min_area, fill_holes=fill_holes, **analysis.describe(),
+                    device=str(loaded.device), dtype=str(loaded.dtype),
+                    skipped=report.to_dict(), objects=len(gdf))
                 writer.close(provenance)
         except BaseException:
             if writer is not None:
@@ -497,7 +549,7 @@ def prompt(
     summary = {"prompts": len(prompts), "texts": texts, "objects": len(gdf),
                "skipped": report.to_dict(), "output": str(out) if out else None}
     if run is not None:
-        summary["text"] = _summary(stats, run)
+        summary["text"] = _summary(run_stats, run)
     gdf.attrs["terrasam"] = summary
     return gdf
 

@@ -59,6 +59,8 @@ SHAPEFILE_NAMES = {
     "predicted_iou": "pred_iou",
     "stability_score": "stab_score",
     "stitched_from": "stitched",
+    "compactness": "compact",
+    "orientation": "orient",
 }
 _SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sbx")
 _HASH_LIMIT = 256 * 1024**2  # inputs above this are identified by size + mtime

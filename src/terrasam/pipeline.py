@@ -120,6 +120,8 @@ def _position(o) -> tuple:
 def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
            columns: Callable[[np.ndarray, list], dict], number: bool = True, first_id: int = 1,
            simplify=None, min_area=None, fill_holes=None, pixel_size=None,
+           regularize=None, regularize_45: bool = False, smooth=None,
+           finish: Callable | None = None,
            batch_objects: int | None = None, stats: RunStats | None = None):
     """GeoDataFrames of finished objects, georeferenced, cleaned and numbered, in batches.
 
@@ -130,7 +132,10 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
     Objects emptied by cleaning are dropped; with ``number`` the others get ids
     ``first_id, first_id + 1, ...`` in output order (objects of a batch sorted by their
     top-left corner). ``pixel_size`` (map units) gives plain-number cleaning options their
-    unit; default: the pixel size of ``transform``. At least one (possibly empty) frame is
+    unit; default: the pixel size of ``transform``. ``regularize``, ``regularize_45`` and
+    ``smooth`` go to :func:`terrasam.vectorize.clean`. ``finish(frame) -> frame`` runs on
+    each batch after it is measured and before it is numbered (added columns, dropped rows:
+    the kept objects are numbered without gaps). At least one (possibly empty) frame is
     yielded, so that the columns are always known.
     """
     from terrasam.vectorize import clean, pixels_to_crs, to_frame
@@ -150,14 +155,17 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
         pending.clear()
         geoms = pixels_to_crs(np.array([o.geometry for _, o in items], dtype=object), transform)
         geoms = clean(geoms, simplify=simplify, min_area=min_area, fill_holes=fill_holes,
-                      crs=crs, pixel_size=pixel_size)
+                      crs=crs, pixel_size=pixel_size, regularize=regularize,
+                      regularize_45=regularize_45, smooth=smooth)
         keep = np.flatnonzero(~(shapely.is_missing(geoms) | shapely.is_empty(geoms)))
         kept = [items[i] for i in keep]
         attrs = columns(np.array([k for k, _ in kept], dtype=np.int64), [o for _, o in kept])
-        if number:
-            attrs = {"id": np.arange(next_id, next_id + len(kept), dtype=np.int64), **attrs}
-            next_id += len(kept)
         frame = to_frame(geoms[keep], crs, attrs)
+        if finish is not None:
+            frame = finish(frame)
+        if number:
+            frame["id"] = np.arange(next_id, next_id + len(frame), dtype=np.int64)
+            next_id += len(frame)
         stats.objects += len(frame)
         stats.clean_s += time.perf_counter() - t0
         return frame

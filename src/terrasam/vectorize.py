@@ -446,6 +446,9 @@ def clean(
     fill_holes=None,
     crs=None,
     pixel_size=None,
+    regularize=None,
+    regularize_45: bool = False,
+    smooth=None,
 ) -> np.ndarray:
     """Simplify, drop small parts and fill small holes; returns an array of the same length.
 
@@ -457,7 +460,20 @@ def clean(
     that tile without overlaps (from a label image) are simplified as a coverage, so
     neighbours keep their shared edges; otherwise each is simplified on its own
     (Douglas-Peucker, topology preserved).
+
+    ``regularize`` (True for the default tolerance, or a length) straightens building
+    outlines to right angles (with ``regularize_45`` also 45° edges,
+    :mod:`terrasam.regularize`); ``smooth`` (True or a length, the Gaussian's sigma) smooths
+    natural outlines without moving neighbours into each other (:mod:`terrasam.smooth`).
+    Both run after hole filling and small-part removal, before simplification.
     """
+    regularize = None if regularize is False else regularize
+    smooth = None if smooth is False else smooth
+    if regularize is None and regularize_45:
+        regularize = True
+    if regularize is not None and smooth is not None:
+        raise TerrasamError("give regularize (buildings) or smooth (natural boundaries), "
+                            "not both.")
     geoms = _make_valid(_as_array(geoms))
     crs = _pyproj_crs(crs)
     pixel_length, pixel_area = _pixel_scale(pixel_size)
@@ -467,6 +483,18 @@ def clean(
     if min_area is not None:
         threshold, unit = parse_area(min_area)
         geoms = _drop_small_parts(geoms, threshold, unit, crs, pixel_area)
+    if regularize is not None:
+        from terrasam import regularize as reg
+
+        value = f"{reg.DEFAULT_TOLERANCE}px" if regularize is True else regularize
+        tolerance = _length_in_map_units(value, crs, pixel_length, geoms)
+        geoms = _make_valid(reg.regularize(geoms, tolerance, diagonals=regularize_45))
+    if smooth is not None:
+        from terrasam import smooth as smo
+
+        value = f"{smo.DEFAULT_TOLERANCE}px" if smooth is True else smooth
+        sigma = _length_in_map_units(value, crs, pixel_length, geoms)
+        geoms = _make_valid(smo.smooth(geoms, sigma, snap=pixel_length * 1e-6))
     if simplify is not None:
         tolerance = _length_in_map_units(simplify, crs, pixel_length, geoms)
         if tolerance > 0:

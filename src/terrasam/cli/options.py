@@ -104,6 +104,60 @@ def vector_options(f):
     )(f)
 
 
+def object_options(f):
+    """--regularize, --smooth (outlines); --stats, --index, --shape (columns); --where."""
+    return _stack(
+        click.option("--regularize", is_flag=True, default=False,
+                     help="Building footprints: straight edges at right angles, aligned to "
+                          "each object's dominant orientation."),
+        click.option("--regularize-tolerance", metavar="TOL",
+                     help="How far a straight edge may stray from the traced outline: pixels "
+                          "(default 1.5) or with a unit (0.75m)."),
+        click.option("--regularize-45", is_flag=True, default=False,
+                     help="With --regularize, also allow edges at 45 degrees."),
+        click.option("--smooth", is_flag=True, default=False,
+                     help="Natural boundaries (fields, water, trees): smooth outlines; "
+                          "neighbours stay apart."),
+        click.option("--smooth-tolerance", metavar="SIGMA",
+                     help="Smoothing length along the outline: pixels (default 2) or with a "
+                          "unit (1m)."),
+        click.option("--stats", metavar="LIST",
+                     help="Per-object statistics of the input's own values: any of mean, std, "
+                          "min, max, median, count, sum (exact pixel coverage)."),
+        click.option("--stats-bands", metavar="LIST",
+                     help="Bands that get --stats, 1-based, e.g. 1,4 (default: all bands)."),
+        click.option("--index", "index", multiple=True, metavar="NAME=EXPR",
+                     help="A band expression that gets --stats (default mean), e.g. "
+                          "\"ndvi=(b4-b1)/(b4+b1)\" (repeatable); columns ndvi_mean, ..."),
+        click.option("--shape", is_flag=True, default=False,
+                     help="Add compactness, elongation, solidity, orientation, holes, "
+                          "centroid_x, centroid_y."),
+        click.option("--where", metavar="EXPR",
+                     help="Keep only objects that satisfy this, e.g. \"area_m2 > 50 and "
+                          "ndvi_mean < 0.2\" (column names, numbers, and/or/not)."),
+    )(f)
+
+
+def pop_objects(kw: dict) -> dict:
+    """The api keyword arguments of the object options in ``kw`` (removed from it)."""
+    from terrasam.raster import parse_bands
+
+    reg_tol, smooth_tol = kw.pop("regularize_tolerance"), kw.pop("smooth_tolerance")
+    regularize, smooth = kw.pop("regularize"), kw.pop("smooth")
+    bands = kw.pop("stats_bands")
+    try:
+        stats_bands = parse_bands(bands)
+    except TerrasamError:
+        raise TerrasamError(f"--stats-bands must be comma-separated band numbers such as "
+                            f"1,4, got {bands!r}.") from None
+    return {"regularize": reg_tol if reg_tol is not None else regularize,
+            "regularize_45": kw.pop("regularize_45"),
+            "smooth": smooth_tol if smooth_tol is not None else smooth,
+            "stats": kw.pop("stats"), "stats_bands": stats_bands,
+            "index": list(kw.pop("index")) or None, "shape": kw.pop("shape"),
+            "where": kw.pop("where")}
+
+
 def run_options(f):
     """--config, --workdir, --keep-workdir, --overwrite, --quiet."""
     return _stack(

@@ -8,7 +8,9 @@ from terrasam.cli.options import (
     apply_config,
     engine_options,
     model_options,
+    object_options,
     pop_engine,
+    pop_objects,
     raster_options,
     run_options,
     tiling_options,
@@ -52,6 +54,7 @@ from terrasam.cli.options import (
 @raster_options
 @tiling_options
 @vector_options
+@object_options
 @click.option("--preview", metavar="PNG", help="Also write a PNG of the objects over the image.")
 @click.option("--map", "map_", metavar="HTML", help="Also write an HTML map of image and objects.")
 @run_options
@@ -105,4 +108,5 @@ def _run(api, kw: dict, points, boxes, engine, warn):
         tile_size=kw["tile_size"], overlap=kw["overlap"], gsd=kw["gsd"],
         simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"],
         workdir=kw["workdir"], keep_workdir=kw["keep_workdir"], overwrite=kw["overwrite"],
-        preview=kw["preview"], map=kw["map_"], quiet=kw["quiet"], engine=engine, warn=warn)
+        preview=kw["preview"], map=kw["map_"], quiet=kw["quiet"], engine=engine, warn=warn,
+        **pop_objects(kw))

@@ -10,7 +10,9 @@ from terrasam.cli.options import (
     apply_config,
     engine_options,
     model_options,
+    object_options,
     pop_engine,
+    pop_objects,
     raster_options,
     run_options,
     tiling_options,
@@ -29,6 +31,7 @@ from terrasam.cli.options import (
 @tiling_options
 @amg_options
 @vector_options
+@object_options
 @click.option("--preview", metavar="PNG", help="Also write a PNG of the objects over the image.")
 @click.option("--map", "map_", metavar="HTML", help="Also write an HTML map of image and objects.")
 @run_options
@@ -70,5 +73,5 @@ def _run(api, kw: dict, amg: dict, engine) -> dict:
         min_area=kw.pop("min_area"), fill_holes=kw.pop("fill_holes"), device=kw.pop("device"),
         dtype=kw.pop("dtype"), compile=kw.pop("compile_"), workdir=kw.pop("workdir"),
         keep_workdir=kw.pop("keep_workdir"), overwrite=kw.pop("overwrite"),
-        quiet=kw.pop("quiet"), engine=engine, return_frame=False,
+        quiet=kw.pop("quiet"), engine=engine, return_frame=False, **pop_objects(kw),
         **{k: v for k, v in amg.items() if v is not None}).attrs["terrasam"]

@@ -1,0 +1,108 @@
+"""Tiles per second of `segment` on the local engine and on 1 and 2 single-thread Dask workers.
+
+One synthetic scene (flat-colour rectangles, see raster_scale.py), one tiny random-weight SAM
+checkpoint (real model code, IoU and stability thresholds at 0, so every tile costs the same),
+each run a child process (so the peak RSS printed is the client's own: the LocalCluster's
+workers are other processes). Medians of ``--runs`` runs; speed-ups against 1 worker in the
+same invocation.
+
+    python benchmarks/dask_scale.py                       # 1408 px raster: 16 tiles of 512 px
+    python benchmarks/dask_scale.py --size 3072 --runs 5
+
+The local engine runs torch with all cores; a Dask worker with one thread runs torch with one
+(distributed sets OMP_NUM_THREADS=1 for its workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CONFIGS = [("local", {}), ("dask 1x1", {"workers": 1}), ("dask 2x1", {"workers": 2})]
+
+
+def child(args) -> None:
+    from terrasam import api
+
+    kw = dict(checkpoint=args.checkpoint, tile_size=args.tile_size,
+              overlap=args.tile_size // 4, scale="none", quiet=True, overwrite=True,
+              points_per_side=args.points, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+              return_frame=False)
+    engine = "local"
+    if args.workers:
+        from terrasam.engines.dask import DaskEngine
+
+        engine = DaskEngine(workers=args.workers, threads_per_worker=1)
+        _ = engine.client  # cluster start-up is not part of the tile rate
+        engine.client.wait_for_workers(args.workers)
+    t0 = time.perf_counter()
+    gdf = api.segment(args.raster, args.output, engine=engine, **kw)
+    wall = time.perf_counter() - t0
+    if args.workers:
+        engine.close()
+    info = gdf.attrs["terrasam"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"wall_s": wall, "tiles": info["tiles"], "objects": info["objects"],
+                      "peak_rss_mb": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1408)
+    ap.add_argument("--tile-size", type=int, default=512)
+    ap.add_argument("--points", type=int, default=6, help="points per tile side")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default=str(HERE.parent / ".bench"))
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--raster", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    from raster_scale import write_scene
+    from terrasam.testing import random_checkpoint
+
+    work = Path(args.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    raster = write_scene(work / f"scene_{args.size}.tif", args.size)
+    ckpt = work / "sam-vit-b-tiny"
+    if not ckpt.exists():
+        random_checkpoint("sam-vit-b", ckpt, size="tiny", seed=0)
+    results: dict[str, list[dict]] = {name: [] for name, _ in CONFIGS}
+    for _ in range(args.runs):  # interleaved, so drift in the machine hits every config
+        for name, extra in CONFIGS:
+            cmd = [sys.executable, __file__, "--child", "--raster", str(raster), "--output",
+                   str(work / "dask_scale.gpkg"), "--checkpoint", str(ckpt), "--tile-size",
+                   str(args.tile_size), "--points", str(args.points),
+                   "--workers", str(extra.get("workers", 0))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    one = statistics.median(r["tiles"] / r["wall_s"] for r in results["dask 1x1"])
+    print(f"raster {args.size} px, tiles {args.tile_size} px, {args.points}x{args.points} "
+          f"points, median of {args.runs}")
+    print(f"{'engine':10} {'tiles':>5} {'objects':>7} {'wall s':>7} {'tiles/s':>7} "
+          f"{'vs 1 worker':>11} {'client peak RSS MB':>18}")
+    for name, _ in CONFIGS:
+        rs = results[name]
+        rate = statistics.median(r["tiles"] / r["wall_s"] for r in rs)
+        print(f"{name:10} {rs[0]['tiles']:>5} {rs[0]['objects']:>7} "
+              f"{statistics.median(r['wall_s'] for r in rs):>7.1f} {rate:>7.3f} "
+              f"{rate / one:>10.2f}x {statistics.median(r['peak_rss_mb'] for r in rs):>18.0f}")
+
+
+if __name__ == "__main__":
+    main()
