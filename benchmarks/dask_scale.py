@@ -11,6 +11,9 @@ the clock starts; "worker busy" is the share of the workers' time spent inside t
     python benchmarks/dask_scale.py                       # 1408 px raster: 16 tiles of 512 px
     python benchmarks/dask_scale.py --size 3072 --runs 5
 
+It ends with the machine ceiling: the encoder alone, one torch thread, in one process and in
+two concurrent processes; 2 workers cannot scale better than that ratio.
+
 The local engine runs torch with all cores; a Dask worker with one thread runs torch with one
 (distributed sets OMP_NUM_THREADS=1 for its workers).
 """
@@ -66,6 +69,39 @@ def child(args) -> None:
                       "peak_rss_mb": peak}))
 
 
+def ceiling_child(args) -> None:
+    """Encoder forwards per second in this process with one torch thread (for --ceiling)."""
+    import numpy as np
+    import torch
+
+    from terrasam.models.ref import ModelRef
+
+    torch.set_num_threads(1)
+    adapter = ModelRef.for_run(None, args.checkpoint).load()
+    rgb = np.random.default_rng(0).integers(0, 255, (args.tile_size, args.tile_size, 3),
+                                            dtype=np.uint8)
+    adapter.embed(rgb)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < args.ceiling_s:
+        adapter.embed(rgb)
+        n += 1
+    print(json.dumps({"rate": n / (time.perf_counter() - t0)}))
+
+
+def ceiling(args, ckpt: Path) -> tuple[float, float]:
+    """Machine ceiling: summed encoder rate of 2 concurrent 1-thread processes vs 1 alone."""
+    cmd = [sys.executable, __file__, "--ceiling-child", "--checkpoint", str(ckpt),
+           "--tile-size", str(args.tile_size), "--ceiling-s", str(args.ceiling_s)]
+
+    def rates(k):
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        return [json.loads(p.communicate()[0].strip().splitlines()[-1])["rate"] for p in procs]
+
+    one = statistics.median(rates(1)[0] for _ in range(args.runs))
+    two = statistics.median(sum(rates(2)) for _ in range(args.runs))
+    return one, two
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1408)
@@ -73,7 +109,10 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=8, help="points per tile side")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=str(HERE.parent / ".bench"))
+    ap.add_argument("--ceiling-s", type=float, default=8.0,
+                    help="seconds per machine-ceiling probe (0: skip the probe)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ceiling-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--raster", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
@@ -81,6 +120,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.ceiling_child:
+        ceiling_child(args)
         return
     from raster_scale import write_scene
     from terrasam.testing import random_checkpoint
@@ -116,6 +158,11 @@ def main() -> None:
               f"{statistics.median(r['wall_s'] for r in rs):>7.1f} {rate:>7.3f} "
               f"{rate / one:>10.2f}x {100 * busy:>10.0f}% "
               f"{statistics.median(r['peak_rss_mb'] for r in rs):>18.0f}")
+    if args.ceiling_s > 0:
+        c1, c2 = ceiling(args, ckpt)
+        print(f"machine ceiling: encoder forwards/s with one torch thread: 1 process {c1:.2f}, "
+              f"2 concurrent processes {c2:.2f} in all = {c2 / c1:.2f}x (no 2-worker run can "
+              f"beat this ratio on this machine)")
 
 
 if __name__ == "__main__":
