@@ -20,3 +20,11 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "naip_2020_5m.tif").exists():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sample_raster() -> Path:
+    """The sample raster shipped in the package (a 512 x 512 px, 4-band NAIP crop)."""
+    from terrasam.data import sample_raster
+
+    return sample_raster()

@@ -540,8 +540,8 @@ def test_iou_hint_changes_nothing():
         adapter = LabelAdapter(objects, factor=2, family=kw.pop("family", "sam"))
         adapter.honour_hint, adapter.hint_slack = honour, slack
         prof = AMGProfile()
-        p = AMGParams(points_per_side=10, points_per_batch=32, pred_iou_thresh=0.9,
-                      stability_score_thresh=0.0, box_nms_thresh=1.0, **kw)
+        p = AMGParams(points_per_side=10, points_per_batch=32, decode_batch=32,
+                      pred_iou_thresh=0.9, stability_score_thresh=0.0, box_nms_thresh=1.0, **kw)
         return generate(adapter, image, p, profile=prof), adapter, prof
 
     ignored, _, prof_ignored = run(False)

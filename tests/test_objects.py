@@ -161,9 +161,11 @@ def test_bad_options_are_refused_before_the_model_runs(four_bands, tmp_path):
         with pytest.raises(TerrasamError, match=message.replace("(", r"\(")):
             api.segment(path, tmp_path / "x.gpkg", adapter=model, **FAST, **kw)
     assert not (tmp_path / "x.gpkg").exists()
-    # the command line: one line, exit 1, and no model is even loaded
+    # the command line: one line, exit 1, and no model is even loaded (this checkpoint
+    # exists but would fail to load)
+    (tmp_path / "garbage.pt").write_text("not a checkpoint")
     result = CliRunner().invoke(main, ["segment", str(path), "-o", str(tmp_path / "y.gpkg"),
-                                       "--checkpoint", str(tmp_path / "missing.pt"),
+                                       "--checkpoint", str(tmp_path / "garbage.pt"),
                                        "--where", "area_m2 > 5 and nvdi_mean < 0.2",
                                        "--index", "ndvi=(b4-b1)/(b4+b1)"])
     assert result.exit_code == 1

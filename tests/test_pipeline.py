@@ -208,3 +208,16 @@ def test_prompt_with_gsd_on_a_huge_raster_starts_at_once(tmp_path, monkeypatch):
                      adapter=oracle, scale="none")
     assert time.perf_counter() - t0 < 10
     assert len(gdf) == 1 and oracle.embed_calls == 1
+
+
+@pytest.mark.parametrize("side,most", [(1, 1), (2, 4)])
+def test_tiny_rasters_give_each_set_of_pixels_once(side, most, tmp_path):
+    from terrasam.testing import random_checkpoint
+
+    ckpt = random_checkpoint("sam-vit-b", tmp_path / "ckpt", size="tiny", seed=0)
+    rgb = np.random.default_rng(0).integers(0, 255, (3, side, side), dtype=np.uint8)
+    src = synth.write_raster(tmp_path / "in.tif", rgb)
+    gdf = api.segment(src, tmp_path / "out.gpkg", checkpoint=ckpt, quiet=True,
+                      points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    assert 1 <= len(gdf) <= most
+    assert len({g.wkb for g in gdf.geometry}) == len(gdf)  # no two geometries equal

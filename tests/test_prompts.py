@@ -146,7 +146,7 @@ def test_box_prompts_and_a_big_box_downsampled_with_a_warning(scene):
     small = OracleAdapter(background=scene.background, image_size=16, tolerance=40)
     gdf = prompt(scene.path, boxes=boxes[:1], adapter=small, warn=collect(messages))
     assert len(gdf) == 1 and iou(gdf.geometry.iloc[0], scene.polygons[1]) > 0.8
-    assert any("1 prompts span more than the model's 16-pixel input" in m
+    assert any("1 prompt spans more than the model's 16-pixel input" in m
                and "(prompt ids 1)" in m for m in messages), messages
 
 
@@ -394,3 +394,76 @@ def test_cli_tiny_random_sam3_text_over_tiles_and_points(tmp_path):
     assert result.exit_code == 1
     assert "--text" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "pt.gpkg").exists()
+
+
+# --------------------------------------------------------------------------- issue 14
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    from terrasam.testing import random_checkpoint
+
+    return random_checkpoint("sam-vit-b", tmp_path_factory.mktemp("tiny"), format="meta",
+                             prompt_sensitive=True)
+
+
+def test_cli_box_half_outside_is_clipped_and_segmented(scene, tmp_path, tiny_sam):
+    # the box runs 100 m (200 px) past the raster's left and top edges
+    x0, y0, x1, y1 = scene.polygons[1].bounds
+    left, top = scene.transform @ (0, 0)
+    out = tmp_path / "half.gpkg"
+    result = CliRunner().invoke(main, [
+        "prompt", str(scene.path), "-o", str(out), "--checkpoint", str(tiny_sam),
+        "--box", f"{left - 100},{y0},{x1},{top + 100}", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "nodata" not in result.output and "outside" not in result.output
+    gdf = gpd.read_file(out)
+    assert len(gdf) == 1 and list(gdf.prompt_type) == ["box"]
+    raster = shapely.box(*synth.pixel_to_crs(shapely.box(0, 0, SIZE, SIZE),
+                                             scene.transform).bounds)
+    assert raster.buffer(1e-6).contains(gdf.geometry.iloc[0]) and gdf.area_m2.iloc[0] > 0
+    # the prompt column keeps the box as given, not clipped
+    assert shapely.from_wkt(gdf.prompt.iloc[0]).bounds[0] == pytest.approx(left - 100)
+
+
+def test_box_half_outside_with_the_oracle_is_the_object(scene):
+    x0, y0, x1, y1 = scene.polygons[1].bounds
+    left, _ = scene.transform @ (0, 0)
+    messages = []
+    oracle = OracleAdapter(background=scene.background, image_size=128)
+    gdf = prompt(scene.path, boxes=[(left - 500, y0, x1, y1)], adapter=oracle,
+                 warn=collect(messages))
+    assert messages == [] and len(gdf) == 1
+    assert iou(gdf.geometry.iloc[0], scene.polygons[1]) >= 0.99
+
+
+def test_prompt_rows_carry_predicted_iou_and_stability_score(scene, tmp_path):
+    oracle = OracleAdapter(background=scene.background, image_size=128, iou=0.91)
+    out = tmp_path / "scores.gpkg"
+    prompt(scene.path, out, points=[inside_point(scene, 1)], boxes=[scene.polygons[4].bounds],
+           adapter=oracle)
+    gdf = gpd.read_file(out)
+    assert {"predicted_iou", "stability_score", "score"} <= set(gdf.columns)
+    assert gdf.predicted_iou.tolist() == pytest.approx([0.91, 0.91])
+    assert (gdf.predicted_iou == gdf.score).all()
+    # the oracle's logits are +-20: the same mask at threshold -1 and +1
+    assert gdf.stability_score.tolist() == [1.0, 1.0]
+
+
+def test_stability_score_is_the_generators(scene):
+    class SoftEdges(OracleAdapter):
+        """Logits of 0.5 (inside at the threshold, outside at threshold + offset) on the
+        first rows of the window: a mask whose stability is below 1."""
+
+        def upscale(self, low, embedding):
+            out = super().upscale(low, embedding).clone()
+            out[..., :8, :] = 0.5
+            self.last = out.numpy().copy()
+            return out
+
+    oracle = SoftEdges(background=scene.background, image_size=SIZE)
+    gdf = prompt(scene.path, points=[inside_point(scene, 1)], adapter=oracle)
+    logits = oracle.last[0]
+    want = np.count_nonzero(logits > 1.0) / np.count_nonzero(logits > -1.0)
+    assert 0 < want < 1
+    assert gdf.stability_score.iloc[0] == pytest.approx(want)

@@ -423,3 +423,76 @@ def test_synth_scene_truth_is_consistent(tmp_path, kind):
         rgb, valid = r.read((0, 0, 160, 120))
     np.testing.assert_array_equal(valid, scene.valid)
     np.testing.assert_array_equal(rgb, scene.rgb.transpose(1, 2, 0))
+
+
+# -- read errors and --gsd ----------------------------------------------------------------
+@pytest.fixture
+def cut_cog(tmp_path, sample_raster):
+    """A COG (header first) cut short: it opens, but its tiles cannot be read."""
+    import rasterio
+
+    whole = tmp_path / "whole.tif"
+    with rasterio.open(sample_raster) as ds:
+        profile = {"driver": "COG", "width": ds.width, "height": ds.height, "count": ds.count,
+                   "dtype": "uint8", "crs": ds.crs, "transform": ds.transform,
+                   "compress": "deflate", "blocksize": 256}
+        with rasterio.open(whole, "w", **profile) as dst:
+            dst.write(ds.read())
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 3])
+    whole.unlink()
+    return cut
+
+
+def test_a_read_error_names_the_file_and_the_window(cut_cog):
+    reader = open_raster(cut_cog, scale="none")
+    with pytest.raises(TerrasamError) as err:
+        reader.read(Window(256, 256, 256, 256))
+    text = str(err.value)
+    assert text.startswith(f"cannot read the window cols 256-512, rows 256-512 of {cut_cog}: ")
+    assert "IReadBlock failed" in text and "\n" not in text
+    with pytest.raises(TerrasamError, match=r"cannot read the window .* of .*cut\.tif"):
+        open_raster(cut_cog).scaling  # noqa: B018 - the statistics read
+
+
+def test_info_and_segment_on_a_truncated_file_are_one_sentence(cut_cog, tmp_path):
+    from click.testing import CliRunner
+
+    from terrasam.cli import main
+
+    result = CliRunner().invoke(main, ["info", str(cut_cog)])
+    assert result.exit_code == 1
+    assert result.output.startswith("terrasam: error: cannot read the window ")
+    assert str(cut_cog) in result.output and len(result.output.splitlines()) == 1
+    from oracle import OracleAdapter
+    from terrasam import api
+
+    out = tmp_path / "out.gpkg"
+    with pytest.raises(TerrasamError, match=r"cannot read .* of .*cut\.tif"):
+        api.segment(cut_cog, out, adapter=OracleAdapter(), tile_size=128, overlap=32,
+                    scale="none", quiet=True)
+    assert not out.exists()
+    # only the resumable work directory stays (by design, for a rerun), no partial output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tif", "out.gpkg.terrasam-work"]
+
+
+def test_gsd_is_refused_on_a_raster_without_crs(tmp_path):
+    from click.testing import CliRunner
+
+    from terrasam.cli import main
+
+    path = write_raster(tmp_path / "nocrs.tif", np.zeros((3, 32, 32), np.uint8), crs=None,
+                        transform=None)
+    result = CliRunner().invoke(main, ["info", str(path), "--gsd", "1"])
+    assert result.exit_code == 1
+    assert result.output == ("terrasam: error: --gsd is in metres, but nocrs.tif has no CRS, "
+                             "so its pixels have no ground size; leave out --gsd (or give the "
+                             "raster a CRS).\n")
+    assert CliRunner().invoke(main, ["info", str(path)]).exit_code == 0
+    from oracle import OracleAdapter
+    from terrasam import api
+
+    with pytest.raises(TerrasamError, match="--gsd is in metres, but nocrs.tif has no CRS"):
+        api.segment(path, tmp_path / "o.gpkg", adapter=OracleAdapter(), gsd=1.0, quiet=True)
+    assert not (tmp_path / "o.gpkg").exists()

@@ -195,7 +195,11 @@ def test_click_keep_export_is_exact_and_matches_prompt(oracle_server, scene, tmp
 
     status, data, _ = oracle_server.get("/api/export?format=geojson")
     doc = json.loads(data)
-    assert doc["crs"]["properties"]["name"].endswith("32614") and len(doc["features"]) == 1
+    # RFC 7946: WGS 84 lon/lat, no "crs" member; the source CRS is in the provenance
+    assert "crs" not in doc and len(doc["features"]) == 1
+    assert shapely.geometry.shape(doc["features"][0]["geometry"]).centroid.distance(
+        shapely.Point(lon, lat)) < 1e-3
+    assert "32614" in doc["terrasam"]["output"]["source_crs_wkt"]
     assert doc["terrasam"]["parameters"]["command"] == "serve"
 
     status, _, _ = oracle_server.request("DELETE", "/api/objects/1")

@@ -182,3 +182,16 @@ def test_tiles_must_come_in_order():
     st = Stitcher(tiles, 256, 256)
     with pytest.raises(ValueError, match="out of order"):
         st.add_tile(tiles[1], [])
+
+
+def test_identical_masks_of_one_tile_are_one_object():
+    from terrasam.stitch import stitch
+    from terrasam.tiling import MaskRecord, make_grid
+
+    grid = make_grid(2, 2, Affine.identity(), tile_size=1024, overlap=256)
+    mask = np.array([[True, False], [True, True]])
+    same = [MaskRecord(mask.copy(), (0, 0, 2, 2), 3, 0.9, 0.9) for _ in range(5)]
+    other = MaskRecord(np.ones((1, 1), bool), (1, 0, 2, 1), 1, 0.8, 0.8)
+    objects = stitch([(grid.tiles[0], [*same, other])], grid.tiles, 2, 2)
+    assert len(objects) == 2
+    assert sorted(o.geometry.area for o in objects) == [1.0, 3.0]

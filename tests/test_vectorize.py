@@ -352,3 +352,40 @@ def test_to_frame_columns_ids_crs_and_alignment():
     assert own_ids["id"].tolist() == [10, 20]
     with pytest.raises(ValueError, match="has 1 values for 2 geometries"):
         to_frame([a, b], "EPSG:32614", {"score": [1.0]})
+
+
+def _small_parts_and_holes(geoms, limit):
+    parts = shapely.get_parts(geoms[~shapely.is_missing(geoms)])
+    rings, owner = shapely.get_rings(parts, return_index=True)
+    exterior = np.r_[True, owner[1:] != owner[:-1]] if len(rings) else np.zeros(0, bool)
+    holes = shapely.area(shapely.polygons(rings[~exterior]))
+    return int((shapely.area(parts) < limit).sum()), int((holes < limit).sum())
+
+
+def test_min_area_and_fill_holes_hold_after_simplify():
+    from scipy import ndimage
+
+    from terrasam.vectorize import clean, labels_to_geometries
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(3).random((200, 200)), 3)
+    labels = np.digitize(noise, np.quantile(noise, [0.2, 0.4, 0.6, 0.8])).astype(np.int32) + 1
+    geoms = np.array(list(labels_to_geometries(labels, Affine.identity()).values()), object)
+    assert _small_parts_and_holes(geoms, 40) != (0, 0)  # the input has both
+    out = clean(geoms, simplify=3, min_area=40, fill_holes=40, pixel_size=1)
+    assert _small_parts_and_holes(out, 40) == (0, 0)
+    assert shapely.area(out[~shapely.is_missing(out)]).sum() > 0.8 * labels.size
+
+
+def test_min_area_and_fill_holes_hold_on_the_real_raster(shared_data):
+    import rasterio
+    from scipy import ndimage
+
+    from terrasam.vectorize import clean, labels_to_geometries
+
+    with rasterio.open(shared_data / "naip_2020_5m.tif") as ds:
+        band = ds.read(1, window=rasterio.windows.Window(0, 0, 300, 300)).astype(float)
+    labels = np.digitize(ndimage.gaussian_filter(band, 1),
+                         np.quantile(band, [0.25, 0.5, 0.75])).astype(np.int32) + 1
+    geoms = np.array(list(labels_to_geometries(labels, Affine.identity()).values()), object)
+    out = clean(geoms, simplify=2, min_area=25, fill_holes=25, pixel_size=1)
+    assert _small_parts_and_holes(out, 25) == (0, 0)

@@ -410,3 +410,63 @@ def test_map_renders_offline_in_chromium(scene, tmp_path):
         np.testing.assert_allclose(img[int(y), int(x)], _expected_fill(obj[4], obj_id), atol=6)
     x, y = xy[-1]
     np.testing.assert_allclose(img[int(y), int(x)], BACKGROUND, atol=3)
+
+
+# ---------------------------------------------------------------- prompt marks (issue 14)
+
+
+def prompt_frame() -> gpd.GeoDataFrame:
+    """Rows as `terrasam prompt` writes them: a point prompt in WGS 84 and a box in UTM."""
+    gdf = truth_frame().iloc[:2].copy()
+    cx, cy = _centre(OBJECTS[0])
+    px, py = TRANSFORM @ (cx + 0.5, cy + 0.5)
+    (lon,), (lat,) = warp_transform(CRS, "EPSG:4326", [px], [py])
+    bx0, by0, bx1, by1, _ = OBJECTS[1]
+    (x0, y1), (x1, y0) = TRANSFORM @ (bx0 - 5, by0 - 5), TRANSFORM @ (bx1 + 5, by1 + 5)
+    gdf["prompt_id"] = [1, 2]
+    gdf["prompt_type"] = ["point", "box"]
+    gdf["prompt"] = [f"POINT ({lon} {lat})", box(x0, y0, x1, y1).wkt]
+    gdf["prompt_crs"] = ["EPSG:4326", CRS]
+    return gdf
+
+
+def test_preview_marks_point_and_box_prompts(scene, tmp_path):
+    raster, _ = scene
+    out = viz.write_preview(raster, prompt_frame(), tmp_path / "p.png", scale="none")
+    pic_all = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    factor, band = _layout(W, H)
+    pic = pic_all[band:band + H * factor]
+    cx, cy = _centre(OBJECTS[0])
+    np.testing.assert_array_equal(pic[cy * factor + 1, cx * factor + 1], viz.MARK_RGB)
+    # the box's outline, 5 px outside object 2, on its left edge half way down
+    bx0, by0, bx1, by1, _ = OBJECTS[1]
+    row = (by0 + by1) // 2 * factor
+    edge = pic[row, (bx0 - 5) * factor - 1:(bx0 - 5) * factor + 2]
+    assert any((px == viz.MARK_RGB).all() for px in edge), edge
+    assert not (pic[row, (bx0 - 12) * factor] == viz.MARK_RGB).all()  # plain image beside it
+    # a segment output (no prompt columns) has no marks
+    plain = viz.write_preview(raster, truth_frame(), tmp_path / "q.png", scale="none")
+    plain_pic = np.asarray(Image.open(plain).convert("RGB")).astype(int)[band:band + H * factor]
+    assert not (plain_pic == np.array(viz.MARK_RGB)).all(axis=-1).any()
+
+
+def test_map_marks_point_and_box_prompts(scene, tmp_path):
+    raster, _ = scene
+    gdf = prompt_frame()
+    html = viz.write_map(raster, gdf, tmp_path / "m.html").read_text()
+    assert "prompts (2)" in html
+    assert html.count("L.circleMarker(") == 1 and "point prompt" in html
+    lon, lat = (float(v) for v in gdf.prompt.iloc[0][7:-1].split())
+    marker = re.search(r"L\.circleMarker\(\s*\[([-\d.]+),\s*([-\d.]+)\]", html)
+    assert float(marker.group(1)) == pytest.approx(lat) and \
+        float(marker.group(2)) == pytest.approx(lon)
+    assert "L.polygon(" in html and "box prompt" in html
+    plain = viz.write_map(raster, truth_frame(), tmp_path / "n.html").read_text()
+    assert "L.circleMarker(" not in plain and "prompts (" not in plain
+
+
+def test_titles_say_1_object(scene, tmp_path):
+    raster, gdf = scene
+    one = gdf.iloc[:1]
+    html = viz.write_map(raster, one, tmp_path / "m.html").read_text()
+    assert "sam-vit-b · 1 object</div>" in html and "1 objects" not in html

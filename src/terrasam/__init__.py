@@ -2,8 +2,9 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "segment", "prompt", "TerrasamError"]
+__all__ = ["__version__", "segment", "prompt", "sample_raster", "TerrasamError"]
 
+from terrasam.data import sample_raster
 from terrasam.errors import TerrasamError
 
 

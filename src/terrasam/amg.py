@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,9 @@ from terrasam.amg_utils import (
     sample_uncovered_points,
 )
 from terrasam.errors import TerrasamError
+from terrasam.malloc import fix_mmap_threshold
+from terrasam.models.device import decode_batch_for
+from terrasam.progress import report
 from terrasam.tiling import MaskRecord, TileProfile
 
 SAM2_FAMILIES = ("sam2", "sam3")
@@ -81,7 +85,7 @@ class AMGParams:
     coverage_passes: int = 0
     coverage_min_radius: float | None = None  # px; None: a quarter of the grid spacing
     nodata_max_fraction: float = 0.5
-    decode_batch: int | None = None  # prompts per decoder call; None: points_per_batch
+    decode_batch: int | None = None  # prompts per decoder call; None: set by the device
 
     @classmethod
     def for_family(cls, family: str, **overrides) -> AMGParams:
@@ -187,11 +191,30 @@ class AmgJob:
         return TileProfile()
 
 
+@dataclass(frozen=True)
+class _Bits:
+    """A boolean mask bit-packed and deflated while it waits for NMS: with thresholds at 0 a
+    tile holds thousands of near-tile-sized candidates, 1 MB each as bytes; SAM's masks are
+    smooth blobs, so their packed rows deflate well."""
+
+    data: bytes  # zlib of np.packbits of the mask
+    shape: tuple[int, int]
+
+    @staticmethod
+    def pack(mask: np.ndarray) -> _Bits:
+        return _Bits(zlib.compress(np.packbits(mask, axis=None).tobytes(), 1), mask.shape)
+
+    def unpack(self) -> np.ndarray:
+        h, w = self.shape
+        bits = np.frombuffer(zlib.decompress(self.data), dtype=np.uint8)
+        return np.unpackbits(bits, count=h * w).reshape(h, w).view(bool)
+
+
 @dataclass
 class _Cands:
     """Accepted candidate masks with every per-mask field, filtered and joined together."""
 
-    masks: list = field(default_factory=list)  # bool arrays cropped to the inclusive box
+    masks: list = field(default_factory=list)  # _Bits of masks cropped to the inclusive box
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.int64))  # inclusive
     iou: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     stab: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -220,6 +243,14 @@ class _Clock:
     def __init__(self, profile: AMGProfile, device: torch.device):
         self.profile = profile
         self.sync = device.type == "cuda"
+        self.prompts = 1  # prompts the tile's grids hold, and those decoded so far
+        self.decoded = 0
+
+    def decoded_batch(self, n: int) -> None:
+        """Count ``n`` decoded prompts and tell the progress bar (never a whole tile: what
+        follows the last batch, NMS, still takes time)."""
+        self.decoded += n
+        report(min(0.95, self.decoded / self.prompts))
 
     def add(self, name: str, start: float) -> float:
         if self.sync:
@@ -235,6 +266,7 @@ def generate(adapter, image: np.ndarray, params: AMGParams | None = None,
     """Segment everything in an (H, W, 3) uint8 image; returns the masks in the reference
     generator's order. ``valid`` (H, W) bool marks pixels with data; ``profile`` (an
     AMGProfile) accumulates time, decoder calls, mask count and coverage."""
+    fix_mmap_threshold()  # else the candidates' freed buffers stay with the process
     params = params if params is not None else AMGParams.for_family(adapter.family)
     params.validate()
     image = np.asarray(image)
@@ -266,6 +298,7 @@ def _generate(adapter, image, params, valid, clock) -> list[MaskRecord]:
     crop_boxes, layers = generate_crop_boxes((h, w), params.crop_n_layers,
                                              params.crop_overlap_ratio)
     grids = params.layer_grids()
+    clock.prompts = max(1, sum(len(grids[layer]) for layer in layers))
     parts = []
     for crop_box, layer in zip(crop_boxes, layers):
         x0, y0, x1, y1 = crop_box
@@ -280,10 +313,14 @@ def _generate(adapter, image, params, valid, clock) -> list[MaskRecord]:
         # prefer masks from smaller crops
         crop_t = torch.as_tensor(data.crops)
         scores = 1 / ((crop_t[:, 2] - crop_t[:, 0]) * (crop_t[:, 3] - crop_t[:, 1]))
-        data = data.take(nms(torch.as_tensor(data.boxes), scores, params.crop_nms_thresh))
+        keep = nms(torch.as_tensor(data.boxes), scores, params.crop_nms_thresh)
+        clock.profile.rejected_nms += len(data) - len(keep)
+        data = data.take(keep)
     if params.min_mask_region_area > 0 and adapter.family not in SAM2_FAMILIES and len(data):
+        before = len(data)
         data = _remove_small_regions(data, params.min_mask_region_area,
                                      max(params.box_nms_thresh, params.crop_nms_thresh), (h, w))
+        clock.profile.rejected_nms += before - len(data)
     records = _to_records(data, valid)
     clock.add("post_s", t)
     return records
@@ -303,7 +340,9 @@ class _CropJob:
         clock.add("embed_s", t)
         clock.profile.embed_calls += 1
         self.covered = np.zeros(self.size, dtype=bool)  # union of accepted masks (crop pixels)
-        self.batch = params.decode_batch or params.points_per_batch
+        # an explicit decode batch wins; else what the device's memory holds best
+        self.batch = params.decode_batch or decode_batch_for(
+            getattr(adapter, "device", "cpu"), params.points_per_batch)
 
     def run(self, grid: np.ndarray) -> _Cands:
         ch, cw = self.size
@@ -323,8 +362,9 @@ class _CropJob:
         data = _Cands.join(parts)
         t = time.perf_counter()
         if len(data):
-            keep = nms(torch.as_tensor(data.boxes), torch.as_tensor(data.iou),
+            keep = nms(torch.as_tensor(_nms_boxes(data.boxes)), torch.as_tensor(data.iou),
                        self.params.box_nms_thresh)
+            self.clock.profile.rejected_nms += len(data) - len(keep)
             data = data.take(keep)
             x0, y0 = self.crop_box[:2]
             data.boxes = data.boxes + np.array([x0, y0, x0, y0])
@@ -367,6 +407,7 @@ class _CropJob:
         parts = []
         for start in range(0, len(points), self.batch):
             parts.append(self._decode_batch(points[start:start + self.batch]))
+            self.clock.decoded_batch(len(points[start:start + self.batch]))
         return _Cands.join(parts)
 
     def _call(self, pts: np.ndarray, mask_inputs=None, multimask=True, iou_thresh=None):
@@ -402,6 +443,8 @@ class _CropJob:
         keep = torch.arange(len(iou), device=iou.device)
         if p.pred_iou_thresh > 0.0:
             keep = keep[iou > p.pred_iou_thresh]
+        self.clock.profile.candidates += len(iou)
+        self.clock.profile.rejected_iou += len(iou) - len(keep)
         h, w = self.size
         chunk = max(1, _UPSCALE_BUDGET // (4 * h * w))
         iou_np, out = iou.cpu().numpy(), []
@@ -450,8 +493,12 @@ class _CropJob:
             ok &= stab >= np.float32(p.stability_score_thresh)
         ok &= boxes[:, 2] >= 0  # empty masks interact with nothing in NMS: dropped early
         idx = np.flatnonzero(ok)
+        profile = self.clock.profile
+        profile.rejected_stability += len(ok) - len(idx)
         if len(idx):
+            n = len(idx)
             idx = idx[~box_near_crop_edge(boxes[idx], self.crop_box, self.image_box)]
+            profile.rejected_edge += n - len(idx)
         track = self.params.pruning or self.params.coverage_passes > 0
         keep, crops = [], []
         for i in idx:
@@ -462,11 +509,12 @@ class _CropJob:
             if self.valid is not None:
                 bad = np.count_nonzero(crop & ~self.valid[y0:y1 + 1, x0:x1 + 1])
                 if bad > p.nodata_max_fraction * np.count_nonzero(crop):
+                    profile.rejected_nodata += 1
                     continue
             if track:
                 self.covered[y0:y1 + 1, x0:x1 + 1] |= crop
             keep.append(i)
-            crops.append(crop)
+            crops.append(_Bits.pack(crop))
         keep = np.asarray(keep, dtype=np.int64)
         return _Cands(crops, boxes[keep].reshape(-1, 4), iou[keep],
                       stab[keep], pts[keep], np.zeros((len(keep), 4), np.int64))
@@ -543,9 +591,9 @@ def _remove_small_regions(data: _Cands, min_area: int, nms_thresh: float,
     """segment_anything's post-processing: fill small holes, drop small islands, then
     re-run NMS preferring masks that did not change."""
     masks, boxes, unchanged = [], [], []
-    for mask, box in zip(data.masks, data.boxes):
-        mask, box, changed = _clean_mask(mask, box, min_area, size)
-        masks.append(mask)
+    for bits, box in zip(data.masks, data.boxes):
+        mask, box, changed = _clean_mask(bits.unpack(), box, min_area, size)
+        masks.append(_Bits.pack(mask))
         boxes.append(box)
         unchanged.append(0.0 if changed else 1.0)
     boxes = np.asarray(boxes, dtype=np.int64)
@@ -605,10 +653,21 @@ def _clean_mask(mask: np.ndarray, box: np.ndarray, min_area: int, size: tuple[in
     return mask[r0:r1 + 1, c0:c1 + 1].copy(), new_box, True
 
 
+def _nms_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Inclusive boxes for NMS, as the reference has them, except that a box one pixel wide
+    or tall is widened by a pixel: with zero area it would overlap nothing, not even itself."""
+    flat = (boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1])
+    if not flat.any():
+        return boxes
+    out = boxes.copy()
+    out[flat, 2:] += 1
+    return out
+
+
 def _to_records(data: _Cands, valid: np.ndarray | None) -> list[MaskRecord]:
     records = []
     for i in range(len(data)):
-        mask = data.masks[i]
+        mask = data.masks[i].unpack()
         x0, y0, x1, y1 = (int(v) for v in data.boxes[i])
         if valid is not None:
             mask = mask & valid[y0:y1 + 1, x0:x1 + 1]

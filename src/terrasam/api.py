@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from terrasam.checks import check_finite, check_nodata, check_run
 from terrasam.errors import TerrasamError
 
 __all__ = ["segment", "prompt"]
@@ -26,7 +27,7 @@ PathLike = str | os.PathLike
 _SEGMENT_COLUMNS = (("area_m2", "perimeter_m", "predicted_iou", "stability_score", "model",
                      "prompt", "tiles"), ("model", "prompt"))
 _PROMPT_COLUMNS = (("area_m2", "perimeter_m", "prompt_id", "prompt_type", "prompt",
-                    "prompt_crs", "score", "model"), ("prompt_type", "prompt", "prompt_crs",
+                    "prompt_crs", "score", "predicted_iou", "stability_score", "model"), ("prompt_type", "prompt", "prompt_crs",
                                                       "model"))
 
 
@@ -80,6 +81,17 @@ def _work_params(run: _Tiled, job) -> dict:
             "overlap": grid.overlap, "gsd": run.gsd, "grid": [grid.width, grid.height],
             "model": a.model_id, "checkpoint": a.checkpoint,
             "checkpoint_sha256": a.checkpoint_sha256, "dtype": str(a.dtype), **job.describe()}
+
+
+def _guard_workdir(batches, workdir):
+    """Yield the batches; after an error the user caused (a corrupt window, say), a work
+    directory without any finished tile is removed: there is nothing to resume from."""
+    try:
+        yield from batches
+    except TerrasamError:
+        if workdir is not None:
+            workdir.remove_unused()
+        raise
 
 
 def _open_workdir(path, run: _Tiled, job):
@@ -242,20 +254,31 @@ def segment(
     from terrasam.models.ref import ModelRef
     from terrasam.objects import ObjectOptions
     from terrasam.raster import open_raster
+    from terrasam.raster import source as raster_source
 
     started = time.perf_counter()
+    check_run(model=model, checkpoint=checkpoint, adapter=adapter, scale=scale,
+              tile_size=tile_size, overlap=overlap, gsd=gsd, simplify=simplify,
+              min_area=min_area, fill_holes=fill_holes, workdir=workdir,
+              fractions={"merge_iou": merge_iou, "merge_ios": merge_ios})
+    if job is None:
+        check_finite(amg_params)
+        _amg_params("sam", amg, amg_params)  # its checks, before the model loads
     analysis = ObjectOptions.build(regularize=regularize, regularize_45=regularize_45,
                                    smooth=smooth, stats=stats, stats_bands=stats_bands,
                                    index=index, shape=shape, where=where)
     outs = io.check_outputs({"vector": output, "raster": label_raster, "preview": preview,
                              "map": map}, overwrite, input=raster)
     out, label_out = outs["vector"], outs.get("raster")
-    src = Path(raster).expanduser()
+    src = raster_source(raster)  # virtual paths and URLs unchanged
     ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
                            fast=_is_fast(amg, amg_params), adapter=adapter)
     with _engine(engine, client) as engine, pipeline.gdal_env(), \
             open_raster(src, bands=bands, nodata=nodata, scale=scale) as reader:
+        reader.check_gsd(gsd)
+        check_nodata(nodata, reader.dtype)
         finish = analysis.finisher(reader, *_SEGMENT_COLUMNS, nodata=nodata)  # before the model
+        io.check_crs_for(outs, reader.crs, reader.transform, warn=_warn)
         loaded = ref.load()
         job = job if job is not None else AmgJob(_amg_params(loaded.family, amg, amg_params))
         grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
@@ -275,12 +298,13 @@ def segment(
                     "prompt": np.array(["auto"] * n, dtype=object),
                     "tiles": np.array([o.n_tiles for o in objects], np.int64)}
 
-        batches = pipeline.run_tiled(reader, grid, tiles, job, ref, engine=engine,
-                                     workdir=run.workdir, merge_iou=merge_iou,
-                                     merge_ios=merge_ios, quiet=quiet, stats=run_stats)
+        batches = _guard_workdir(pipeline.run_tiled(
+            reader, grid, tiles, job, ref, engine=engine, workdir=run.workdir,
+            merge_iou=merge_iou, merge_ios=merge_ios, quiet=quiet, stats=run_stats), run.workdir)
         frames = pipeline.frames(batches, grid.transform, reader.crs, columns=columns,
                                  simplify=simplify, min_area=min_area, fill_holes=fill_holes,
-                                 **analysis.clean_options(), finish=finish, stats=run_stats)
+                                 **analysis.clean_options(), finish=finish, stats=run_stats,
+                                 quiet=quiet)
         with io.VectorWriter(out, overwrite=overwrite) as writer:
             kept, schema = _stream(frames, writer, return_frame)
             t0 = time.perf_counter()
@@ -295,11 +319,17 @@ def segment(
                 merge_ios=merge_ios, label_raster=str(label_out) if label_out else None,
                 **job.describe(), **analysis.describe(), tiles=len(tiles),
                 objects=run_stats.objects)
-            if label_out is not None:
-                io.write_label_raster(label_out, writer, grid.width, grid.height,
-                                      grid.transform, reader.crs, overwrite=overwrite,
-                                      provenance=provenance)
-            writer.close(provenance)
+            labels = None if label_out is None else io.write_label_raster(
+                label_out, writer, grid.width, grid.height, grid.transform, reader.crs,
+                overwrite=overwrite, provenance=provenance, commit=False)
+            try:  # both outputs or neither: the finished label raster waits for the vectors
+                writer.close(provenance)
+            except BaseException:
+                if labels is not None:
+                    labels.abort()
+                raise
+            if labels is not None:
+                labels.commit()
         gdf = _frame_of(kept, schema)
         _pictures(reader, gdf if return_frame else out, preview, map, overwrite)
         t_write = time.perf_counter() - t0
@@ -312,8 +342,29 @@ def segment(
         **_summary(run_stats, run),
         "wall_s": time.perf_counter() - started, "write_s": t_write + run_stats.clean_s,
         "workdir": str(run.workdir.path) if keep_workdir and run.workdir else None,
+        "rejected": _rejected(run_stats, job),
     }
     return gdf
+
+
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _rejected(run_stats, job) -> dict | None:
+    """How many candidate masks each filter dropped (tiles computed in this run), with the
+    thresholds used; None for a job that does not count them."""
+    profile = run_stats.timings.profile
+    if profile is None:
+        return None
+    counts = {"candidates": profile.candidates, "masks": profile.masks, **profile.rejected()}
+    params = getattr(job, "params", None)
+    for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+        if hasattr(params, name):
+            counts[name] = float(getattr(params, name))
+    return counts
 
 
 def prompt(
@@ -409,6 +460,7 @@ def prompt(
     from terrasam.objects import ObjectOptions
     from terrasam.prompts import decode, sources, windows
     from terrasam.raster import open_raster
+    from terrasam.raster import source as raster_source
     from terrasam.text import TextJob
     from terrasam.tiling import grid_scale
     from terrasam.vectorize import clean, to_frame
@@ -426,6 +478,11 @@ def prompt(
         raise TerrasamError(f"the score threshold must be between 0 and 1, got {score_threshold}.")
     if output is None and (preview is not None or map is not None):
         raise TerrasamError("a preview or map needs an output file.")
+    check_run(model=model if model or checkpoint or not texts else "sam3", checkpoint=checkpoint,
+              adapter=adapter, scale=scale, tile_size=tile_size, overlap=overlap, gsd=gsd,
+              simplify=simplify, min_area=min_area, fill_holes=fill_holes, workdir=workdir,
+              fractions={"--score-threshold": score_threshold,
+                         "--mask-threshold": mask_threshold})
     analysis = ObjectOptions.build(regularize=regularize, regularize_45=regularize_45,
                                    smooth=smooth, stats=stats, stats_bands=stats_bands,
                                    index=index, shape=shape, where=where)
@@ -435,11 +492,14 @@ def prompt(
     max_downsample = decode.MAX_DOWNSAMPLE if max_downsample is None else max_downsample
     ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
                            text=bool(texts), adapter=adapter)
-    src = Path(raster).expanduser()
+    src = raster_source(raster)  # virtual paths and URLs unchanged
 
     with _engine(engine if texts else "local", client if texts else None) as engine, \
             pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
                                              scale=scale) as reader:
+        reader.check_gsd(gsd)
+        io.check_crs_for(outs, reader.crs, reader.transform, warn=warn)
+        check_nodata(nodata, reader.dtype)
         px_scale = grid_scale(reader.transform, gsd, reader.ground_res if gsd else None)
         prompts, live, plans, report = [], [], {}, sources.Report()
         if points is not None or boxes is not None:
@@ -448,11 +508,7 @@ def prompt(
                 label_field=label_field, group_field=group_field, warn=warn)
             live = windows.clip_prompts(prompts, reader.width, reader.height, report)
             if not live:
-                which = "the prompt falls" if len(prompts) == 1 else \
-                    f"all {len(prompts)} prompts fall"
-                raise TerrasamError(
-                    f"{which} outside the raster ({sources._raster_bounds_text(reader)}); "
-                    "check their CRS (--crs).")
+                raise sources.outside_error(prompts, reader)
         base, text_cols = _PROMPT_COLUMNS
         finish = analysis.finisher(reader, base + (("rank",) if multimask_all else ()),
                                    text_cols, nodata=nodata)  # checked before the model loads
@@ -480,6 +536,9 @@ def prompt(
                     "prompt": np.array([x["prompt"] for x in r], dtype=object),
                     "prompt_crs": np.array([x["prompt_crs"] for x in r], dtype=object),
                     "score": np.array([x["score"] for x in r], dtype=np.float64),
+                    "predicted_iou": np.array([x["predicted_iou"] for x in r], np.float64),
+                    "stability_score": np.array([x["stability_score"] for x in r],
+                                                np.float64),
                     "model": np.array([model_id] * len(r), dtype=object)}
             if multimask_all:
                 cols["rank"] = np.array([x["rank"] for x in r], dtype=np.int64)
@@ -509,11 +568,15 @@ def prompt(
             def text_columns(concepts, objects):
                 return prompt_columns([
                     {"prompt_id": first_id + k, "prompt_type": "text", "prompt": texts[k],
-                     "prompt_crs": "", "score": float(o.predicted_iou), "rank": 1}
+                     "prompt_crs": "", "score": float(o.predicted_iou),
+                     "predicted_iou": float(o.predicted_iou),
+                     # SAM 3 gives mask probabilities, not logits: no stability score
+                     "stability_score": float("nan"), "rank": 1}
                     for k, o in zip(concepts.tolist(), objects)])
 
-            batches = pipeline.run_tiled(reader, grid, tiles, job, ref, engine=engine,
-                                         workdir=run.workdir, quiet=quiet, stats=run_stats)
+            batches = _guard_workdir(pipeline.run_tiled(
+                reader, grid, tiles, job, ref, engine=engine, workdir=run.workdir, quiet=quiet,
+                stats=run_stats), run.workdir)
             stream = _chain_frames(first, pipeline.frames(
                 batches, grid.transform, reader.crs, columns=text_columns,
                 first_id=len(first) + 1, simplify=simplify, min_area=min_area,

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +37,10 @@ __all__ = [
     "VECTOR_FORMATS",
     "RASTER_FORMATS",
     "check_output",
+    "check_crs_for",
+    "temp_name",
+    "remove_stale_temporaries",
+    "write_failure",
     "write_vectors",
     "read_provenance",
     "make_provenance",
@@ -66,6 +71,10 @@ _SHAPEFILE_PARTS = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".sbn", ".sb
 _HASH_LIMIT = 256 * 1024**2  # inputs above this are identified by size + mtime
 _PROVENANCE_KEY = "terrasam"
 _TIFF_TAG = "TERRASAM"
+# formats whose coordinates are WGS 84 by definition (RFC 7946, OGC KML)
+WGS84_FORMATS = {"GeoJSON", "KML"}
+# GeoPackage 1.2: what GDAL < 3.7 (QGIS LTR, Debian 12) opens without a warning
+GPKG_VERSION = "1.2"
 
 
 # --------------------------------------------------------------------------- output paths
@@ -101,6 +110,11 @@ def _check_path(path, kind: str) -> Path:
     out = Path(path).expanduser()
     formats = _supported(kind)
     ext = out.suffix.lower()
+    if not ext and kind == "vector":  # GeoPackage, the documented default
+        if out.is_dir():
+            raise TerrasamError(f"{path} is a folder; give a file name such as "
+                                f"{out / 'objects.gpkg'}")
+        out, ext = out.with_name(out.name + ".gpkg"), ".gpkg"
     if ext not in formats:
         if kind in _PICTURE_FORMATS:
             raise TerrasamError(f"{path} must end with {' or '.join(formats)}")
@@ -112,6 +126,8 @@ def _check_path(path, kind: str) -> Path:
         raise TerrasamError(f"{path} is a folder; give a file name such as {out / 'objects'}{ext}")
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
+        if folder.exists():
+            raise TerrasamError(f"{folder} is a file, not a folder: {path} cannot be written")
         raise TerrasamError(f"output folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise TerrasamError(f"cannot write to folder {folder}")
@@ -138,12 +154,16 @@ def check_outputs(outputs: Mapping, overwrite: bool = False, input=None) -> dict
     ``overwrite``) are named in one message; no output may be the input or another output.
     """
     paths = {kind: _check_path(p, kind) for kind, p in outputs.items() if p is not None}
-    existing = [str(outputs[k]) for k, p in paths.items() if p.exists() and not overwrite]
+    existing = [str(outputs[k]) if Path(outputs[k]).expanduser() == p else str(p)
+                for k, p in paths.items() if p.exists() and not overwrite]
     if existing:
         verb = "exists" if len(existing) == 1 else "exist"
         them = "it" if len(existing) == 1 else "them"
         raise TerrasamError(f"{', '.join(existing)} {verb}; use --overwrite to replace {them}")
-    src = Path(input).expanduser() if input is not None else None
+    from terrasam.raster import is_local_path
+
+    # a virtual path or URL (/vsizip/..., https://...) is never one of the local outputs
+    src = Path(input).expanduser() if input is not None and is_local_path(input) else None
     seen: dict = {}
     for kind, p in paths.items():
         if src is not None and src.exists() and p.exists() and os.path.samefile(src, p):
@@ -156,9 +176,129 @@ def check_outputs(outputs: Mapping, overwrite: bool = False, input=None) -> dict
     return paths
 
 
-def _temp_name(out: Path) -> Path:
-    """A hidden temporary name beside ``out`` that keeps its extension."""
-    return out.with_name(f".{out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{out.suffix}")
+def check_crs_for(outputs: Mapping, crs, transform=None, warn=None) -> None:
+    """Refuse outputs whose format fixes the CRS (GeoJSON, KML: WGS 84) when the raster has
+    no CRS; warn (``warn(message)``) when it has no georeferencing at all (pixel coordinates).
+
+    ``outputs`` maps kinds to paths as in :func:`check_outputs`; call it before the model
+    loads.
+    """
+    vector = outputs.get("vector")
+    if vector is None or crs is not None:
+        return
+    driver = _vector_formats().get(Path(vector).suffix.lower())
+    if driver in WGS84_FORMATS:
+        name = "GeoJSON" if driver == "GeoJSON" else "KML"
+        raise TerrasamError(
+            f"the raster has no CRS, so its objects cannot be written as {name} (always WGS 84);"
+            " write .gpkg, .shp, .parquet or .fgb instead, or give the raster a CRS")
+    if warn is not None and (transform is None or transform.is_identity):
+        warn("the raster has no georeferencing: the objects are in pixel coordinates "
+             "(column, row) with no CRS")
+
+
+_TEMP = re.compile(r"^\.(?P<stem>.+)\.tmp-(?P<pid>[0-9]+)-[0-9a-f]{8}")
+
+
+def temp_name(out: Path, suffix: str | None = None) -> Path:
+    """The hidden name ``.{stem}.tmp-{pid}-{random}{suffix}`` beside ``out`` under which every
+    file (or folder) terrasam writes waits until it is renamed to ``out``.
+
+    ``suffix`` defaults to ``out``'s extension. The pid lets a later run recognise the
+    leftovers of a killed one (:func:`remove_stale_temporaries`).
+    """
+    suffix = out.suffix if suffix is None else suffix
+    return out.with_name(f".{out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(out) -> list[Path]:
+    """Remove the temporaries of ``out`` (and of its sidecar) left by processes that are no
+    longer alive, e.g. a run killed with SIGKILL; returns what was removed."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    stems = {out.stem, _sidecar(out).stem}
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if m and m["stem"] in stems and not _alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                _remove(p)
+                removed.append(p)
+    return removed
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXT = ("no space left", "database or disk is full", "file too large", "disk quota",
+              "disk full")
+
+
+def _is_disk_full(exc: BaseException, out: Path) -> bool:
+    """Whether a failed write of ``out`` failed for want of space (or of file size)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(e).lower() for t in _FULL_TEXT):
+            return True
+        todo += [e.__cause__, e.__context__]
+    return _no_room(out)
+
+
+def _no_room(out: Path) -> bool:
+    """Probe the folder: one byte past the size of this process's largest temporary there.
+
+    GDAL and SQLite often report a full disk (or an exceeded file size limit) as "disk I/O
+    error", "Write error" or worse; a sparse one-byte write tells which it was, cheaply.
+    """
+    folder = out.parent if str(out.parent) else Path(".")
+    sizes = [0]
+    with contextlib.suppress(OSError):
+        for p in folder.glob(f".*.tmp-{os.getpid()}-*"):
+            with contextlib.suppress(OSError):
+                if p.is_file():
+                    sizes.append(p.stat().st_size)
+    probe = temp_name(out, ".probe")
+    try:
+        with open(probe, "wb") as f:
+            f.seek(max(sizes) + (1 << 20))
+            f.write(b"\0")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return exc.errno in _FULL_ERRNOS
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return False
+
+
+def write_failure(out: Path, exc: BaseException, verb: str = "write") -> TerrasamError:
+    """The one sentence of a failed write: "disk full while writing OUT" when it is that."""
+    if _is_disk_full(exc, out):
+        return TerrasamError(f"disk full while writing {out}")
+    return TerrasamError(f"could not {verb} {out}: {_first_line(exc)}")
 
 
 def _remove(path: Path) -> None:
@@ -199,7 +339,7 @@ def _jsonable(value):
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
@@ -244,13 +384,18 @@ def _write_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def _no_pam():
-    """No GDAL .aux.xml sidecars beside outputs while pyogrio reads or writes them."""
+    """No GDAL .aux.xml sidecars beside outputs while pyogrio reads or writes them (nor
+    pyogrio's warning of a missing CRS: :func:`check_crs_for` has said it once)."""
+    import warnings
+
     import pyogrio
 
     old = pyogrio.get_gdal_config_option("GDAL_PAM_ENABLED")
     pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": "NO"})
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'crs' was not provided")
+            yield
     finally:
         pyogrio.set_gdal_config_options({"GDAL_PAM_ENABLED": old})
 
@@ -275,8 +420,8 @@ class VectorWriter:
         self.batch_rows = int(batch_rows)
         self.features = 0
         self.crs = None
-        self._stage = self.out.with_name(
-            f".{self.out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.stage.gpkg")
+        remove_stale_temporaries(self.out)
+        self._stage = temp_name(self.out, ".stage.gpkg")
         self._buffer: list = []
         self._buffered = 0
         self._schema = None  # an empty frame with the columns, for an output with no rows
@@ -299,6 +444,10 @@ class VectorWriter:
         if self._closed:
             raise ValueError("the vector output is already closed")
         if self._schema is None:
+            if gdf.crs is None and self.driver in WGS84_FORMATS:
+                self.abort()
+                raise TerrasamError(f"{self.out} cannot be written without a CRS: the format "
+                                    "is always WGS 84")
             self._schema = gdf.iloc[:0]
             self.crs = gdf.crs
         if len(gdf):
@@ -325,7 +474,8 @@ class VectorWriter:
         promote = polygonal and self._layer_type == "MultiPolygon"
         self._stage_write(lambda: pyogrio.write_dataframe(
             batch, self._stage, layer=self.layer, driver="GPKG", append=self._staged,
-            geometry_type=self._layer_type, promote_to_multi=promote))
+            geometry_type=self._layer_type, promote_to_multi=promote,
+            **({} if self._staged else {"dataset_options": {"VERSION": GPKG_VERSION}})))
         self._staged = True
         self.features += len(batch)
         geoms = batch.geometry.values
@@ -340,8 +490,9 @@ class VectorWriter:
             with _no_pam():
                 write()
         except _write_errors() as exc:
+            failure = write_failure(self.out, exc)
             self.abort()
-            raise TerrasamError(f"could not write {self.out}: {_first_line(exc)}") from exc
+            raise failure from exc
 
     def read(self, bbox=None, columns=None):
         """The features written so far (within ``bbox`` in the output CRS), as a GeoDataFrame."""
@@ -366,7 +517,7 @@ class VectorWriter:
                 raise ValueError("nothing was written to the vector output")
             self._stage_write(lambda: pyogrio.write_dataframe(
                 self._schema, self._stage, layer=self.layer, driver="GPKG",
-                geometry_type="MultiPolygon"))
+                geometry_type="MultiPolygon", dataset_options={"VERSION": GPKG_VERSION}))
             self._staged = True
         provenance = dict(_jsonable(provenance or {}))
         output_info = {"format": self.driver, "features": int(self.features)}
@@ -376,6 +527,12 @@ class VectorWriter:
                                           if c != self._schema.geometry.name])
             if mapping:
                 output_info["field_names"] = mapping
+        if self.crs is not None:
+            output_info["crs"] = ("EPSG:4326" if self._to_wgs84()
+                                  else self.crs.to_string())
+            output_info["crs_wkt"] = (_wgs84().to_wkt() if self._to_wgs84()
+                                      else self.crs.to_wkt())
+            output_info["source_crs_wkt"] = self.crs.to_wkt()
         provenance["output"] = output_info
         text = _json(provenance)
         try:
@@ -395,10 +552,15 @@ class VectorWriter:
                     _write_replacing(self.out, self._convert)
                     _write_text_atomic(_sidecar(self.out), text)
         except _write_errors() as exc:
-            raise TerrasamError(f"could not write {self.out}: {_first_line(exc)}") from exc
+            raise write_failure(self.out, exc) from exc
         finally:
             self.abort()
         return self.out
+
+    def _to_wgs84(self) -> bool:
+        """Whether this format needs the features reprojected to WGS 84."""
+        return (self.driver in WGS84_FORMATS and self.crs is not None
+                and not self.crs.equals("EPSG:4326"))
 
     def abort(self) -> None:
         """Discard everything written so far."""
@@ -426,7 +588,9 @@ class VectorWriter:
         import pyogrio
 
         crs = self.crs
-        to_wgs84 = self.driver == "KML" and crs is not None and not crs.equals("EPSG:4326")
+        to_wgs84 = self._to_wgs84()
+        # RFC 7946: WGS 84 lon/lat, no "crs" member, right-hand rings
+        options = {"layer_options": {"RFC7946": "YES"}} if self.driver == "GeoJSON" else {}
         batches = self._batches(rename)
         first = next(batches, None)
         if first is None:  # no row: an empty layer with the columns
@@ -434,27 +598,29 @@ class VectorWriter:
             if to_wgs84:
                 empty = empty.to_crs("EPSG:4326")
             pyogrio.write_dataframe(empty, tmp, layer=self.layer, driver=self.driver,
-                                    geometry_type="MultiPolygon")
+                                    geometry_type="MultiPolygon", **options)
             return
         geometry, schema = first[0], first[1].schema
 
         def stream():
             for _, batch in [first, *batches]:
-                if to_wgs84:  # KML is WGS 84 by definition
+                if to_wgs84:  # KML and GeoJSON are WGS 84 by definition
                     batch = _reproject_wkb(batch, geometry, crs, "EPSG:4326")
                 yield batch
 
         reader = pa.RecordBatchReader.from_batches(schema, stream())
         pyogrio.write_arrow(reader, tmp, layer=self.layer, driver=self.driver,
                             geometry_name=geometry, geometry_type=self._layer_type,
-                            crs="EPSG:4326" if to_wgs84 else _crs_wkt(crs))
+                            crs="EPSG:4326" if to_wgs84 else _crs_wkt(crs), **options)
 
     def _to_parquet(self, tmp: Path, provenance_json: str) -> None:
         """GeoParquet 1.0 (WKB geometry, PROJJSON CRS), written batch by batch."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        column = {"encoding": "WKB", "geometry_types": sorted(self._types)}
+        types = sorted(self._types) or (["MultiPolygon"] if self._layer_type == "MultiPolygon"
+                                        else [])
+        column = {"encoding": "WKB", "geometry_types": types}
         if self.crs is not None:
             column["crs"] = self.crs.to_json_dict()
         if self._bounds is not None:
@@ -480,6 +646,12 @@ class VectorWriter:
 
 def _crs_wkt(crs):
     return None if crs is None else crs.to_wkt()
+
+
+def _wgs84():
+    from pyproj import CRS
+
+    return CRS.from_epsg(4326)
 
 
 def _reproject_wkb(batch, geometry: str, src, dst):
@@ -512,7 +684,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _write_replacing(out: Path, write) -> None:
-    tmp = _temp_name(out)
+    tmp = temp_name(out)
     try:
         write(tmp)
         os.replace(tmp, out)
@@ -523,7 +695,8 @@ def _write_replacing(out: Path, write) -> None:
 def _write_shapefile(out: Path, provenance_json: str, write) -> None:
     """A shapefile is several files: ``write(tmp)`` them in a temporary folder, then move
     them all."""
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.stem}.tmp-", dir=out.parent))
+    tmp_dir = temp_name(out, "")
+    tmp_dir.mkdir()
     try:
         tmp = tmp_dir / out.name
         write(tmp)
@@ -598,7 +771,15 @@ def _sha256(path: Path) -> str:
 
 
 def _file_identity(path, always_hash: bool = False) -> dict:
-    """Name plus sha256 of a file (or size + mtime for big files); folders hash their files."""
+    """Name plus sha256 of a file (or size + mtime for big files); folders hash their files.
+
+    A raster that is not a local file (URL, /vsi path) is never stat'ed or hashed (a
+    pathlib stat would fold its slashes, a hash would download it): its name and path string.
+    """
+    from terrasam.raster import is_local_path
+
+    if not is_local_path(path):
+        return {"name": str(path).rstrip("/").rsplit("/", 1)[-1], "location": str(path)}
     p = Path(path).expanduser()
     entry: dict = {"name": p.name}
     if p.is_file():
@@ -664,18 +845,22 @@ LABEL_BLOCK = 1024  # label raster burned in blocks of this many pixels a side
 
 def write_label_raster(path, source: VectorWriter, width: int, height: int, transform, crs, *,
                        overwrite: bool = False, provenance=None, block: int = LABEL_BLOCK,
-                       ) -> Path:
+                       commit: bool = True):
     """Burn the features written to ``source`` (column ``id``) into a label COG, block by block.
 
     Each block reads back only the features whose box meets it, so no step holds every
-    geometry. Where objects overlap, the smaller one is on top.
+    geometry. Where objects overlap, the smaller one is on top. Returns the path; with
+    ``commit=False`` the finished raster waits under its temporary name and the
+    :class:`LabelRasterWriter` is returned: ``commit()`` it once the vectors are in place,
+    or ``abort()`` it.
     """
     import shapely
     from affine import Affine
     from rasterio import features
 
-    with LabelRasterWriter(path, width, height, transform, crs, dtype="uint32",
-                           overwrite=overwrite, provenance=provenance) as writer:
+    writer = LabelRasterWriter(path, width, height, transform, crs, dtype="uint32",
+                               overwrite=overwrite, provenance=provenance)
+    with writer.pending() if not commit else writer:
         for r0 in range(0, height, block):
             h = min(block, height - r0)
             for c0 in range(0, width, block):
@@ -691,7 +876,7 @@ def write_label_raster(path, source: VectorWriter, width: int, height: int, tran
                     features.rasterize(zip(np.asarray(geoms)[order], ids.tolist()), out=out,
                                        transform=at)
                 writer.write(out, (c0, r0, w, h))
-    return Path(path)
+    return Path(path) if commit else writer
 
 
 _LABEL_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32}
@@ -725,7 +910,9 @@ class LabelRasterWriter:
         self.dtype = str(dtype)
         self.width, self.height = int(width), int(height)
         self._provenance = provenance
-        self._tmp = _temp_name(self.path)
+        remove_stale_temporaries(self.path)
+        self._tmp = temp_name(self.path)
+        self._finished = None  # the finished COG waiting for commit()
         self._closed = False
         profile = {
             "driver": "GTiff", "width": self.width, "height": self.height, "count": 1,
@@ -737,7 +924,7 @@ class LabelRasterWriter:
             self._dataset = rasterio.open(self._tmp, "w", **profile)
         except (rasterio.errors.RasterioError, OSError) as exc:
             _remove(self._tmp)
-            raise TerrasamError(f"could not create {path}: {_first_line(exc)}") from exc
+            raise write_failure(self.path, exc, "create") from exc
 
     def __enter__(self):
         return self
@@ -748,6 +935,16 @@ class LabelRasterWriter:
         else:
             self.abort()
         return False
+
+    @contextlib.contextmanager
+    def pending(self):
+        """Like ``with writer:``, but a clean exit leaves the finished raster uncommitted."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
+        self.close(commit=False)
 
     def write(self, array, window) -> None:
         """Write labels (2-D integers, 0 = none) into ``window`` (a Window or col, row, w, h)."""
@@ -768,16 +965,24 @@ class LabelRasterWriter:
                     f"label {hi if hi > info.max else lo} does not fit a {self.dtype} label "
                     "raster; choose a larger type"
                 )
-        self._dataset.write(array.astype(self.dtype, copy=False), 1, window=window)
+        import rasterio
 
-    def close(self) -> Path:
-        """Finish: convert to COG layout, store provenance, rename into place."""
+        try:
+            self._dataset.write(array.astype(self.dtype, copy=False), 1, window=window)
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            failure = write_failure(self.path, exc)
+            self.abort()
+            raise failure from exc
+
+    def close(self, commit: bool = True) -> Path:
+        """Finish: convert to COG layout, store provenance, rename into place (with
+        ``commit=False`` only finish: :meth:`commit` renames)."""
         if self._closed:
             return self.path
         import rasterio
         import rasterio.shutil
 
-        cog_tmp = _temp_name(self.path)
+        cog_tmp = temp_name(self.path)
         try:
             if self._provenance is not None:
                 self._dataset.update_tags(**{_TIFF_TAG: _json(self._provenance)})
@@ -789,13 +994,28 @@ class LabelRasterWriter:
                 rasterio.shutil.copy(self._tmp, cog_tmp, driver="COG", **options)
             else:
                 self._copy_tiled_with_overviews(cog_tmp)
-            os.replace(cog_tmp, self.path)
+            if commit:
+                os.replace(cog_tmp, self.path)
+            else:
+                self._finished, cog_tmp = cog_tmp, None
         except (rasterio.errors.RasterioError, OSError) as exc:
-            raise TerrasamError(f"could not write {self.path}: {_first_line(exc)}") from exc
+            raise write_failure(self.path, exc) from exc
         finally:
             self._closed = True
-            _remove(cog_tmp)
+            if cog_tmp is not None:
+                _remove(cog_tmp)
             _remove(self._tmp)
+        return self.path
+
+    def commit(self) -> Path:
+        """Rename the raster finished by ``close(commit=False)`` into place."""
+        if self._finished is not None:
+            try:
+                os.replace(self._finished, self.path)
+            except OSError as exc:
+                self.abort()
+                raise write_failure(self.path, exc) from exc
+            self._finished = None
         return self.path
 
     def _copy_tiled_with_overviews(self, dest: Path) -> None:
@@ -823,3 +1043,6 @@ class LabelRasterWriter:
             with contextlib.suppress(Exception):
                 self._dataset.close()
         _remove(self._tmp)
+        if self._finished is not None:
+            _remove(self._finished)
+            self._finished = None

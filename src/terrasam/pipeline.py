@@ -81,7 +81,7 @@ def run_tiled(reader, grid, tiles, job, model, *, engine="local", workdir=None,
     """
     from terrasam.engines import get_engine
     from terrasam.engines.local import Timings
-    from terrasam.progress import Progress
+    from terrasam.progress import Progress, note
     from terrasam.stitch import Stitcher
 
     stats = stats if stats is not None else RunStats()
@@ -91,6 +91,13 @@ def run_tiled(reader, grid, tiles, job, model, *, engine="local", workdir=None,
     stitchers = [Stitcher(tiles, grid.width, grid.height, merge_iou=merge_iou,
                           merge_ios=merge_ios) for _ in job.concepts]
     resumed = sum(workdir.has(t) for t in tiles) if workdir is not None else 0
+    n_grid = len(grid.tiles)
+    tw, th = min(grid.tile_size, grid.width), min(grid.tile_size, grid.height)
+    note(f"{n_grid} tile{'s' * (n_grid != 1)} ({len(tiles)} with data) of {tw}x{th} px "
+         f"over {grid.width}x{grid.height} px"
+         + (f", {resumed} done before" if resumed else "")
+         + ("; time estimate after the first tile" if resumed < len(tiles) else ""),
+         quiet=quiet)
     with Progress(len(tiles), "tiles", quiet=quiet, initial=resumed) as progress:
         for tile, records in runner.run(tiles, reader, job, model, workdir=workdir,
                                         progress=progress, timings=stats.timings):
@@ -103,6 +110,7 @@ def run_tiled(reader, grid, tiles, job, model, *, engine="local", workdir=None,
             for k, objects in done:
                 if objects:
                     yield k, objects
+    note("stitching the objects still open", quiet=quiet)
     for k, s in enumerate(stitchers):
         t0 = time.perf_counter()
         objects = s.finish()
@@ -122,7 +130,8 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
            simplify=None, min_area=None, fill_holes=None, pixel_size=None,
            regularize=None, regularize_45: bool = False, smooth=None,
            finish: Callable | None = None,
-           batch_objects: int | None = None, stats: RunStats | None = None):
+           batch_objects: int | None = None, stats: RunStats | None = None,
+           quiet: bool = True):
     """GeoDataFrames of finished objects, georeferenced, cleaned and numbered, in batches.
 
     ``batches`` are ``(concept, objects)`` from :func:`run_tiled` (or any source of stitched
@@ -136,8 +145,10 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
     ``smooth`` go to :func:`terrasam.vectorize.clean`. ``finish(frame) -> frame`` runs on
     each batch after it is measured and before it is numbered (added columns, dropped rows:
     the kept objects are numbered without gaps). At least one (possibly empty) frame is
-    yielded, so that the columns are always known.
+    yielded, so that the columns are always known. Unless ``quiet``, each batch prints a
+    line ("writing: N objects").
     """
+    from terrasam.progress import note
     from terrasam.vectorize import clean, pixels_to_crs, to_frame
 
     if pixel_size is None:
@@ -168,6 +179,8 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
             next_id += len(frame)
         stats.objects += len(frame)
         stats.clean_s += time.perf_counter() - t0
+        if len(frame):
+            note(f"writing: {stats.objects} object{'s' * (stats.objects != 1)}", quiet=quiet)
         return frame
 
     for k, objects in batches:

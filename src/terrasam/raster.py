@@ -15,7 +15,10 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from terrasam.errors import TerrasamError
@@ -82,6 +85,85 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
         ) from None
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_local_path(path) -> bool:
+    """Whether ``path`` names a plain local file (not a /vsi path, URL or ``zip+file://``)."""
+    text = str(path)
+    return not (text.startswith("/vsi") or _SCHEME.match(text))
+
+
+def source(path) -> str:
+    """What GDAL opens for ``path``: local paths with ``~`` expanded, anything else unchanged.
+
+    Virtual paths and URLs (``/vsizip//abs/x.zip/x.tif``, ``https://...``, ``s3://...``) must
+    reach GDAL byte for byte: ``pathlib`` would fold their double slashes.
+    """
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    return os.path.expanduser(text) if is_local_path(text) else text
+
+
+def open_dataset(path):
+    """Open ``path`` for reading: ``(dataset, file or None, georeferencing)``.
+
+    A raster georeferenced only by GCPs or RPCs is read through GDAL's warper (a warped VRT
+    in the GCPs' CRS, or EPSG:4326 for RPCs), so that it is a north-up raster with a real
+    transform; then the file itself is returned as well, to close with the VRT.
+    ``georeferencing`` is None, or ``{"method": "gcps"|"rpcs", "count": n, "crs": CRS}``.
+    """
+    from rasterio.vrt import WarpedVRT
+
+    path = source(path)
+    if is_local_path(path):
+        if not Path(path).exists():
+            raise TerrasamError(f"raster file {path!r} does not exist.")
+        if Path(path).is_dir():
+            raise TerrasamError(f"{path!r} is a folder, not a raster file.")
+        if Path(path).stat().st_size == 0:
+            raise TerrasamError(f"raster file {path!r} is empty (0 bytes).")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(path)
+    except RasterioIOError as exc:
+        if is_local_path(path) and _looks_like_tiff(path):
+            raise TerrasamError(f"{path!r} is a TIFF file that is truncated or corrupt "
+                                f"({_reason(exc)}).") from None
+        raise TerrasamError(f"{path!r} is not a raster GDAL can read ({_reason(exc)}).") from None
+    if ds.crs or not ds.transform.is_identity:
+        return ds, None, None
+    gcps, gcp_crs = ds.gcps
+    if gcps and gcp_crs:
+        georef, crs = {"method": "gcps", "count": len(gcps), "crs": gcp_crs}, gcp_crs
+    elif ds.rpcs is not None:
+        georef, crs = {"method": "rpcs", "count": None, "crs": None}, rasterio.CRS.from_epsg(4326)
+    else:
+        return ds, None, None
+    try:
+        # nearest keeps nodata and values exact; an alpha band marks what lies off the image
+        has_mask = any(v is not None for v in ds.nodatavals) or ColorInterp.alpha in ds.colorinterp
+        vrt = WarpedVRT(ds, crs=crs, resampling=Resampling.nearest, add_alpha=not has_mask)
+    except RasterioError as exc:
+        ds.close()
+        raise TerrasamError(f"cannot warp {path!r} from its {georef['method'].upper()} "
+                            f"({_reason(exc)}).") from None
+    georef["crs"] = vrt.crs
+    return vrt, ds, georef
+
+
+@contextlib.contextmanager
+def opened(path):
+    """``with opened(path) as ds``: :func:`open_dataset`'s dataset, closed (with its file) after."""
+    ds, base, _ = open_dataset(path)
+    try:
+        yield ds
+    finally:
+        ds.close()
+        if base is not None:
+            base.close()
+
+
 class RasterReader:
     """A raster opened for windowed reading as RGB uint8 plus a valid-data mask.
 
@@ -91,11 +173,13 @@ class RasterReader:
 
     def __init__(self, path, bands=None, nodata=None, scale="percentile",
                  percentiles=(2.0, 98.0)):
-        self.path = str(path)
+        self.path = source(path)
         self._options = {"bands": None if bands is None else tuple(int(b) for b in bands),
                          "nodata": None if nodata is None else float(nodata),
                          "scale": scale, "percentiles": tuple(float(p) for p in percentiles)}
         self._ds = None
+        self._base = None  # the file under a warped VRT (GCP/RPC rasters)
+        self.georef = None
         self._scaling: Scaling | None = None
         self._coverage = None
         self._check_options()
@@ -117,22 +201,11 @@ class RasterReader:
     def _open(self):
         if self._ds is not None:
             return self._ds
-        path = self.path
-        is_local = not (path.startswith("/vsi") or "://" in path)
-        if is_local and not Path(path).exists():
-            raise TerrasamError(f"raster file {path!r} does not exist.")
-        if is_local and Path(path).is_dir():
-            raise TerrasamError(f"{path!r} is a folder, not a raster file.")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                ds = rasterio.open(path)
-        except RasterioIOError as exc:
-            reason = str(exc).split("\n")[0].rstrip(".")
-            raise TerrasamError(f"{path!r} is not a raster GDAL can read ({reason}).") from None
+        ds, self._base, self.georef = open_dataset(self.path)
         if ds.count == 0:
-            ds.close()
-            raise TerrasamError(f"{path!r} has no raster bands.")
+            self._ds = ds
+            self.close()
+            raise TerrasamError(f"{self.path!r} has no raster bands.")
         self._ds = ds
         return ds
 
@@ -201,6 +274,7 @@ class RasterReader:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_ds"] = None
+        state["_base"] = None
         state["_coverage"] = None
         return state
 
@@ -218,6 +292,9 @@ class RasterReader:
         if self._ds is not None:
             self._ds.close()
             self._ds = None
+        if self._base is not None:
+            self._base.close()
+            self._base = None
 
     def __repr__(self):
         return (f"RasterReader({self.path!r}, {self.width}x{self.height}, "
@@ -231,7 +308,18 @@ class RasterReader:
                 or (self.alpha_index is not None and self.alpha_index not in self.band_indexes))
 
     def _read_raw(self, window: Window, out_shape, resampling: Resampling):
-        """Read (data (n, h, w) in the source dtype, valid (h, w)) for an in-raster window."""
+        """Read (data (n, h, w) in the source dtype, valid (h, w)) for an in-raster window.
+
+        A read error (a corrupt block, a file cut short) becomes one sentence naming the file
+        and the window.
+        """
+        try:
+            return self._read_raw_unchecked(window, out_shape, resampling)
+        except RasterioError as exc:
+            raise TerrasamError(f"cannot read {_window_label(window)} of {self.path}: "
+                                f"{_reason(exc)}.") from None
+
+    def _read_raw_unchecked(self, window: Window, out_shape, resampling: Resampling):
         ds = self._open()
         unique = sorted(set(self.band_indexes))
         shape = (len(unique), *out_shape)
@@ -371,7 +459,10 @@ class RasterReader:
         for window, shape in self._stat_windows():
             data, valid = self._read_raw(window, shape, Resampling.nearest)
             for i, band in enumerate(data):
-                chunks[i].append(band[valid])
+                values = band[valid]
+                if values.dtype.kind == "f":  # +-inf would stretch the scale to nothing
+                    values = values[np.isfinite(values)]
+                chunks[i].append(values)
         return [np.concatenate(c) if c else np.zeros(0) for c in chunks]
 
     def stats_source(self) -> str:
@@ -473,6 +564,16 @@ class RasterReader:
         return bool(valid[j0:j1, i0:i1].any())
 
     # -- description ---------------------------------------------------------------------
+    def check_gsd(self, gsd) -> None:
+        """Refuse a ``--gsd`` that has no meaning here: a raster without a CRS has no metres."""
+        if gsd is None:
+            return
+        if self.crs is None:
+            raise TerrasamError(
+                f"--gsd is in metres, but {Path(self.path).name} has no CRS, so its pixels have "
+                "no ground size; leave out --gsd (or give the raster a CRS)."
+            )
+
     @property
     def ground_res(self) -> tuple[float, float]:
         """Pixel size (x, y) in metres: projected units converted, degrees at the centre."""
@@ -485,6 +586,19 @@ class RasterReader:
                     self.res[1] * 110_574.0)
         factor = _linear_unit_factor(self.crs)
         return (self.res[0] * factor, self.res[1] * factor)
+
+    @property
+    def georeferencing(self) -> dict:
+        """How pixels are placed: ``{"method": "transform"|"gcps"|"rpcs"|"none", "count"}``.
+
+        GCP and RPC rasters are read warped (see :func:`open_dataset`).
+        """
+        self._open()
+        if self.georef is not None:
+            return {"method": self.georef["method"], "count": self.georef["count"],
+                    "warped_to": _crs_label(self.georef["crs"])}
+        method = "transform" if self.crs is not None or not self.transform.is_identity else "none"
+        return {"method": method, "count": None, "warped_to": None}
 
     def describe(self) -> dict:
         """Everything `terrasam info` reports about the raster, JSON-serialisable."""
@@ -514,6 +628,7 @@ class RasterReader:
             "nodata_source": self.nodata_source,
             "nan_is_nodata": self._float,
             "crs": _crs_dict(self.crs),
+            "georeferencing": self.georeferencing,
             "transform": list(self.transform)[:6],
             "res": list(self.res),
             "ground_res_m": list(self.ground_res) if self.crs is not None else None,
@@ -592,9 +707,38 @@ def _crs_dict(crs) -> dict | None:
             "wkt": crs.to_wkt()}
 
 
+def _crs_label(crs) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()
+
+
 def _units_name(crs) -> str:
     try:
         return crs.linear_units_factor[0]
     except Exception:  # a CRS without linear units
         return "unknown"
 
+
+
+def _looks_like_tiff(path) -> bool:
+    """Whether a file starts with a TIFF or BigTIFF signature."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _reason(exc) -> str:
+    """The first line of a GDAL/rasterio error, without its final full stop."""
+    if "See previous exception" in str(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__  # rasterio's "Read failed": GDAL's own message says what failed
+    lines = str(exc).strip().splitlines()
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _window_label(window: Window) -> str:
+    c0, r0 = float(window.col_off), float(window.row_off)
+    c1, r1 = c0 + float(window.width), r0 + float(window.height)
+    return f"the window cols {c0:.0f}-{c1:.0f}, rows {r0:.0f}-{r1:.0f}"

@@ -148,12 +148,13 @@ class ZonalStats:
     def __init__(self, path, *, bands: Sequence[int] = (), indexes: Mapping | None = None,
                  stats: Sequence[str] = DEFAULT_STATS, nodata: float | None = None,
                  max_cells: int = MAX_CELLS):
-        import rasterio
+        from terrasam.raster import opened
 
         self.path = str(path)
         self.stats = parse_stats(stats)
         self.indexes = dict(indexes or {})
-        with rasterio.open(self.path) as ds:  # opened again for each batch: nothing held
+        # opened again for each batch: nothing held; GCP/RPC rasters warped as the reader's
+        with opened(self.path) as ds:
             self.count, self.width, self.height = ds.count, ds.width, ds.height
             self._inverse = ~ds.transform
             alpha = [i + 1 for i, ci in enumerate(ds.colorinterp) if ci.name == "alpha"]
@@ -227,7 +228,7 @@ class ZonalStats:
         present = np.flatnonzero(~(shapely.is_missing(geoms) | shapely.is_empty(geoms)))
         if not len(present) or not self.columns:
             return out
-        import rasterio
+        from terrasam.raster import opened
 
         pixel = self._to_pixels(geoms[present])
         sources = {name: _Source(self, name) for name in
@@ -235,7 +236,7 @@ class ZonalStats:
         ops = [Operation(STATISTICS[s], f"{name}_{s}", src)
                for name, src in sources.items() for s in self.stats]
         writer = _Collector(out, present)
-        with rasterio.open(self.path) as self._ds:
+        with opened(self.path) as self._ds:
             try:
                 exact_extract(list(sources.values()), _Features(pixel), ops, output=writer,
                               include_cols=["i"], max_cells_in_memory=self.max_cells)

@@ -183,11 +183,18 @@ class Stitcher:
         self._next += 1
         rect = _rect(tile)
         new: list[_Part] = []
+        seen: set = set()
         for rec in records:
             bx0, by0, bx1, by1 = (int(v) for v in rec.bbox)
             mask = np.asarray(rec.mask, dtype=bool)
             if not mask.any():
                 continue
+            # the same pixels twice are one object (box NMS lets identical masks through when
+            # it is off, or when their box is a pixel thin); the first record stands
+            key = (bx0, by0, mask.shape, np.packbits(mask).tobytes())
+            if key in seen:
+                continue
+            seen.add(key)
             gx0, gy0 = tile.x0 + bx0, tile.y0 + by0
             h, w = mask.shape
             inner = ((bx0 == 0 and rect[0] > 0) or (by0 == 0 and rect[1] > 0)
@@ -296,8 +303,10 @@ class Stitcher:
         if len(geoms) == 1:
             geom = geoms[0]
         else:
-            # pieces share exact integer pixel edges, so the union is exact
-            geom = shapely.simplify(shapely.union_all(geoms), 0.0)  # no collinear seam vertices
+            # pieces share exact integer pixel edges, so the union is exact; no collinear seam
+            # vertices (tolerance 0 only drops those: the topology-preserving variant is
+            # quadratic in the rings, tens of seconds for an object with thousands of holes)
+            geom = shapely.simplify(shapely.union_all(geoms), 0.0, preserve_topology=False)
             if not geom.is_valid:
                 geom = shapely.make_valid(geom)
         return StitchedObject(geom, group.predicted_iou, group.stability_score,

@@ -85,6 +85,18 @@ class TileProfile:
     masks: int = 0
     valid_pixels: int = 0
     covered_pixels: int = 0
+    # candidate masks decoded and where the generator's filters dropped them
+    candidates: int = 0
+    rejected_iou: int = 0  # predicted IoU at or below pred_iou_thresh
+    rejected_stability: int = 0  # stability below stability_score_thresh (or empty)
+    rejected_edge: int = 0  # touching a crop's inner edge
+    rejected_nodata: int = 0  # mostly on nodata
+    rejected_nms: int = 0  # duplicates removed by box NMS (within and across crops)
+
+    def rejected(self) -> dict[str, int]:
+        """Candidates dropped per filter: iou, stability, edge, nodata, nms."""
+        return {k: getattr(self, f"rejected_{k}")
+                for k in ("iou", "stability", "edge", "nodata", "nms")}
 
     @property
     def coverage(self) -> float:

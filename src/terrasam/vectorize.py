@@ -465,7 +465,9 @@ def clean(
     outlines to right angles (with ``regularize_45`` also 45° edges,
     :mod:`terrasam.regularize`); ``smooth`` (True or a length, the Gaussian's sigma) smooths
     natural outlines without moving neighbours into each other (:mod:`terrasam.smooth`).
-    Both run after hole filling and small-part removal, before simplification.
+    Both run after hole filling and small-part removal, before simplification; hole filling
+    and small-part removal run again at the end, so that no part or hole below those limits
+    is left in the result.
     """
     regularize = None if regularize is False else regularize
     smooth = None if smooth is False else smooth
@@ -477,12 +479,17 @@ def clean(
     geoms = _make_valid(_as_array(geoms))
     crs = _pyproj_crs(crs)
     pixel_length, pixel_area = _pixel_scale(pixel_size)
-    if fill_holes is not None:
-        threshold, unit = parse_area(fill_holes)
-        geoms = _fill_small_holes(geoms, threshold, unit, crs, pixel_area)
-    if min_area is not None:
-        threshold, unit = parse_area(min_area)
-        geoms = _drop_small_parts(geoms, threshold, unit, crs, pixel_area)
+
+    def small_holes_and_parts(geoms):
+        if fill_holes is not None:
+            threshold, unit = parse_area(fill_holes)
+            geoms = _fill_small_holes(geoms, threshold, unit, crs, pixel_area)
+        if min_area is not None:
+            threshold, unit = parse_area(min_area)
+            geoms = _drop_small_parts(geoms, threshold, unit, crs, pixel_area)
+        return geoms
+
+    geoms = small_holes_and_parts(geoms)
     if regularize is not None:
         from terrasam import regularize as reg
 
@@ -499,6 +506,10 @@ def clean(
         tolerance = _length_in_map_units(simplify, crs, pixel_length, geoms)
         if tolerance > 0:
             geoms = _simplify(geoms, tolerance, pixel_length)
+    if simplify is not None or regularize is not None or smooth is not None:
+        # reshaping shrinks parts and holes (and its repairs split off slivers): the limits
+        # hold on the final geometry
+        geoms = small_holes_and_parts(geoms)
     return geoms
 
 

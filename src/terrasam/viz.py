@@ -24,6 +24,7 @@ from terrasam.io import check_output
 
 NODATA_RGB = (150, 150, 150)
 FILL_ALPHA = 0.45
+MARK_RGB = (255, 214, 0)  # prompt points and boxes: one bright colour over any object
 _MIN_PREVIEW = 600  # small rasters are enlarged (nearest) to at least this many pixels
 _MERC_LIMIT = 20037508.342789244  # web-mercator y at latitude +-85.0511
 BASEMAPS = ("osm", "esri", "none")
@@ -122,6 +123,48 @@ def _object_ids(gdf) -> np.ndarray:
         if np.issubdtype(ids.dtype, np.number) and not np.isnan(ids.astype(float)).any():
             return ids.astype(np.int64)
     return np.arange(1, len(gdf) + 1, dtype=np.int64)
+
+
+def prompt_marks(gdf, crs) -> tuple[list, list]:
+    """The point and box prompts of a prompt run's rows, in ``crs``: ``(points, boxes)``.
+
+    ``points`` are (x, y) pairs, ``boxes`` polygons (a box reprojected from its own CRS);
+    each prompt once, whatever the number of its rows. Other outputs give ([], []).
+    """
+    import shapely
+    from pyproj import CRS, Transformer
+
+    kind = next((c for c in ("prompt_type", "prompt_typ") if c in gdf.columns), None)  # .shp
+    if kind is None or "prompt" not in gdf.columns or not len(gdf):
+        return [], []
+    rows = gdf[gdf[kind].isin(["point", "points", "box", "box+points"])]
+    if "prompt_id" in rows.columns:
+        rows = rows.drop_duplicates("prompt_id")
+    points, boxes = [], []
+    for wkt, src in zip(rows["prompt"], rows["prompt_crs"] if "prompt_crs" in rows.columns
+                        else [""] * len(rows)):
+        try:
+            geom = shapely.from_wkt(str(wkt))
+            src = src or gdf.crs  # no CRS of its own: the prompt was in the raster's
+            if src and crs is not None and CRS.from_user_input(src) != CRS.from_user_input(crs):
+                t = Transformer.from_crs(src, crs, always_xy=True)
+                geom = shapely.transform(
+                    shapely.segmentize(geom, _box_step(geom)),
+                    lambda xy, t=t: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+        except Exception:  # a prompt written by something else: no mark, not a failure
+            continue
+        for part in getattr(geom, "geoms", [geom]):
+            for leaf in getattr(part, "geoms", [part]):
+                if leaf.geom_type == "Point":
+                    points.append((leaf.x, leaf.y))
+                elif leaf.geom_type == "Polygon":
+                    boxes.append(leaf)
+    return points, boxes
+
+
+def _box_step(geom) -> float:
+    x0, y0, x1, y1 = geom.bounds
+    return max(x1 - x0, y1 - y0) / 16 or 1.0
 
 
 # ---------------------------------------------------------------- PNG preview
@@ -244,10 +287,12 @@ def _display_grid(rgb, valid, transform):
     return rgb, valid, transform
 
 
-def compose_preview(rgb, valid, transform, crs, labels, ids, *, title: str, footer: str = ""):
+def compose_preview(rgb, valid, transform, crs, labels, ids, *, title: str, footer: str = "",
+                    marks: tuple = ((), ())):
     """The preview (PIL.Image): title band, image with filled/outlined objects, scale-bar band.
 
-    ``labels`` holds 1-based positions into ``ids`` at the image's resolution.
+    ``labels`` holds 1-based positions into ``ids`` at the image's resolution; ``marks`` the
+    prompts ``(points, boxes)`` in the raster's CRS, drawn as dots and outlines.
     """
     from PIL import Image, ImageDraw
 
@@ -270,6 +315,7 @@ def compose_preview(rgb, valid, transform, crs, labels, ids, *, title: str, foot
     pad = max(font_size // 2, 4)
     _text(draw, (pad, band / 2), _fit_text(draw, title, font, W - 2 * pad), font,
           (20, 20, 20), "lm")
+    _draw_marks(draw, marks, ~transform, band, max(3, W // 150))
 
     y_foot = band + H
     mpp = metres_per_pixel(transform, crs, W, H)
@@ -286,6 +332,19 @@ def compose_preview(rgb, valid, transform, crs, labels, ids, *, title: str, foot
         if text != "…":
             _text(draw, (W - pad, y_foot + band / 2), text, font, (90, 90, 90), "rm")
     return canvas
+
+
+def _draw_marks(draw, marks, inverse, top: int, radius: int) -> None:
+    """Prompt boxes as outlines and points as dots (white ring, dark centre), over the image."""
+    points, boxes = marks
+    for box in boxes:
+        xy = [inverse * (x, y) for x, y in np.asarray(box.exterior.coords)[:, :2]]
+        draw.line([(c, r + top) for c, r in xy], fill=MARK_RGB, width=max(2, radius // 2))
+    for x, y in points:
+        c, r = inverse * (x, y)
+        r += top
+        draw.ellipse((c - radius, r - radius, c + radius, r + radius), fill=MARK_RGB,
+                     outline=(255, 255, 255), width=max(1, radius // 3))
 
 
 def _font_size(width: int) -> int:
@@ -326,9 +385,11 @@ def write_preview(raster, vectors, out_png, bands=None, scale="percentile", max_
     if title is None:
         model = _model_name(gdf, provenance)
         title = " · ".join(p for p in (name, f"model {model}" if model else "") if p)
-    title = f"{title} · {len(gdf)} objects · {coverage:.1f}% of valid pixels covered"
+    objects = f"{len(gdf)} object" + ("" if len(gdf) == 1 else "s")
+    title = f"{title} · {objects} · {coverage:.1f}% of valid pixels covered"
     footer = crs.to_string() if crs is not None else ""
-    canvas = compose_preview(rgb, valid, transform, crs, labels, ids, title=title, footer=footer)
+    canvas = compose_preview(rgb, valid, transform, crs, labels, ids, title=title, footer=footer,
+                             marks=prompt_marks(gdf, crs))
     buf = _bytesio.BytesIO()
     canvas.save(buf, format="PNG")
     return _atomic_write(out, buf.getvalue())
@@ -499,6 +560,7 @@ def build_map(reader_data, gdf, *, name: str, title: str, max_size: int, basemap
             tooltip=folium.GeoJsonTooltip(fields=tip_fields) if tip_fields else None,
             popup=folium.GeoJsonPopup(fields=fields) if fields else None,
         ).add_to(m)
+    _add_prompt_layer(m, gdf)
     folium.LayerControl(collapsed=False).add_to(m)
     m.fit_bounds(bounds)
     m.get_root().html.add_child(_raw(
@@ -508,6 +570,25 @@ def build_map(reader_data, gdf, *, name: str, title: str, max_size: int, basemap
         f"{_escape(title)}</div>"
     ))
     return m, bounds
+
+
+def _add_prompt_layer(m, gdf) -> None:
+    """A "prompts" layer: point prompts as circle markers, box prompts as outlines."""
+    import folium
+
+    points, boxes = prompt_marks(gdf, "EPSG:4326" if gdf.crs is not None else None)
+    if not points and not boxes:
+        return
+    layer = folium.FeatureGroup(name=f"prompts ({len(points) + len(boxes)})")
+    colour = _hex(MARK_RGB)
+    for box in boxes:
+        folium.Polygon([(y, x) for x, y in np.asarray(box.exterior.coords)[:, :2]],
+                       color=colour, weight=2, fill=False, tooltip="box prompt").add_to(layer)
+    for x, y in points:
+        folium.CircleMarker((y, x), radius=5, color="#ffffff", weight=2, fill=True,
+                            fill_color=colour, fill_opacity=1.0,
+                            tooltip="point prompt").add_to(layer)
+    layer.add_to(m)
 
 
 def _raw(html: str):
@@ -545,7 +626,8 @@ def write_map(raster, vectors, out_html, bands=None, scale="percentile", max_siz
         gdf = gdf.set_crs(crs)
     if title is None:
         model = _model_name(gdf, provenance)
-        parts = [name, f"model {model}" if model else "", f"{len(gdf)} objects"]
+        parts = [name, f"model {model}" if model else "",
+                 f"{len(gdf)} object" + ("" if len(gdf) == 1 else "s")]
         title = " · ".join(p for p in parts if p)
     m, _ = build_map((rgb, valid, ov_transform, crs), gdf, name=name, title=title,
                      max_size=max_size, basemap=basemap, opacity=opacity)

@@ -9,6 +9,7 @@ import click
 
 from terrasam import __version__
 from terrasam.errors import TerrasamError
+from terrasam.warn import routed
 
 # name -> "module:function"; imported only when the subcommand runs, so that
 # `terrasam info` does not pay for importing torch.
@@ -20,7 +21,16 @@ COMMANDS = {
     "preview": "terrasam.cli.preview:preview",
     "map": "terrasam.cli.preview:map_",
     "serve": "terrasam.cli.serve:serve",
+    "sample": "terrasam.cli.sample:sample",
 }
+
+
+def _usage_sentence(exc: click.UsageError) -> str:
+    """click's usage error as terrasam's one sentence, pointing at the command's --help."""
+    text = " ".join(exc.format_message().split()).rstrip(".").replace(". Did you", "; did you")
+    text = text[:1].lower() + text[1:]
+    command = " ".join(["terrasam", *(exc.ctx.command_path.split()[1:] if exc.ctx else [])])
+    return f"{text} (see `{command} --help`)."
 
 
 class _LazyGroup(click.Group):
@@ -36,12 +46,19 @@ class _LazyGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            # terrasam's and GDAL's warnings: each once, as "terrasam: warning: ..."
+            with routed(echo=lambda line: click.echo(line, err=True)):
+                return super().invoke(ctx)
         except TerrasamError as exc:
             click.echo(f"terrasam: error: {exc}", err=True)
             sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # BadParameter, MissingParameter, NoSuchOption, ...
+            click.echo(f"terrasam: error: {_usage_sentence(exc)}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("terrasam: interrupted", err=True)
+            click.echo("terrasam: interrupted: run the same command to resume", err=True)
             sys.exit(130)
 
 

@@ -19,6 +19,11 @@ def _mb(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.0f} MB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.0f} KB"
 
 
+def _georef(g: dict) -> str:
+    what = f"{g['count']} GCPs" if g["method"] == "gcps" else "RPCs"
+    return f"from {what} (warped to {g['warped_to']})"
+
+
 def _report(d: dict, grid: dict) -> list[str]:
     crs = d["crs"]
     if crs is None:
@@ -62,6 +67,8 @@ def _report(d: dict, grid: dict) -> list[str]:
         ("dtype", d["dtype"]),
         ("nodata", nodata),
         ("crs", crs_line),
+        *([("georef", _georef(d["georeferencing"]))]
+          if d["georeferencing"]["method"] in ("gcps", "rpcs") else []),
         ("resolution", res),
         ("bounds", ", ".join(_number(v) for v in d["bounds"])),
         ("scaling", scaling),
@@ -101,12 +108,16 @@ def info(raster, bands, nodata, scale, percentiles, tile_size, overlap, gsd, as_
     except ValueError:
         raise TerrasamError(f"--percentiles must be two numbers such as 2,98, got "
                             f"{percentiles!r}.") from None
+    from terrasam.checks import check_tiling
+
+    check_tiling(tile_size, overlap, gsd)
     # GDAL's warnings about quirky-but-readable files are not the user's business here.
     logging.getLogger("rasterio._env").setLevel(logging.ERROR)
     with rasterio.Env(), open_raster(raster, bands=parse_bands(bands), nodata=nodata,
                                      scale=scale, percentiles=pct) as reader:
+        reader.check_gsd(gsd)
         desc = reader.describe()
-        res = reader.ground_res if (gsd is not None and reader.crs is not None) else reader.res
+        res = reader.ground_res if gsd is not None else reader.res
         grid = make_grid(reader.width, reader.height, reader.transform, tile_size=tile_size,
                          overlap=overlap, gsd=gsd, res=res)
         desc["tiling"] = grid.describe(reader)

@@ -14,6 +14,8 @@ from terrasam.errors import TerrasamError
 AMG_OPTIONS = [
     ("points_per_side", int, "Points sampled along one side of the tile (grid of N x N)."),
     ("points_per_batch", int, "Point prompts decoded together."),
+    ("decode_batch", int, "Prompts per decoder call (default: 16 on a CPU; on a GPU as many as "
+                          "half its free memory holds)."),
     ("pred_iou_thresh", float, "Drop masks whose predicted IoU is below this."),
     ("stability_score_thresh", float, "Drop masks whose stability score is below this."),
     ("stability_score_offset", float, "Logit offset used for the stability score."),
@@ -26,6 +28,11 @@ AMG_OPTIONS = [
     ("min_mask_region_area", int, "Remove islands and holes smaller than this (pixels)."),
 ]
 AMG_NAMES = [name for name, _, _ in AMG_OPTIONS] + ["fast", "coverage_passes"]
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 object"``, ``"2 objects"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _stack(*decorators):

@@ -9,6 +9,7 @@ from terrasam.cli.options import (
     engine_options,
     model_options,
     object_options,
+    plural,
     pop_engine,
     pop_objects,
     raster_options,
@@ -21,7 +22,8 @@ from terrasam.cli.options import (
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("raster", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, metavar="OUT",
-              help="Vector output; format from the extension (.gpkg, .shp, .parquet, .geojson, .fgb).")
+              help="Vector output; format from the extension: .gpkg (also when there is none), "
+                   ".shp, .parquet (GeoParquet), .geojson, .fgb, .kml.")
 @click.option("--point", "point", multiple=True, metavar="X,Y[,LABEL[,GROUP]]",
               help="A point prompt in --crs (repeatable). LABEL 1 positive (default), 0 negative; "
                    "points sharing a GROUP form one object.")
@@ -30,7 +32,8 @@ from terrasam.cli.options import (
 @click.option("--points", "points_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Vector file of point prompts (Point/MultiPoint, in the file's own CRS).")
 @click.option("--boxes", "boxes_file", type=click.Path(dir_okay=False), metavar="FILE",
-              help="Vector file of box prompts: each polygon's bounds, in the raster's CRS.")
+              help="Vector file of box prompts (in the file's own CRS): each polygon's bounds "
+                   "in the raster's CRS are the box.")
 @click.option("--crs", metavar="CRS",
               help="CRS of --point/--box coordinates (e.g. EPSG:4326); default the raster's.")
 @click.option("--label-field", metavar="FIELD",
@@ -75,6 +78,10 @@ def prompt(ctx, **kw):
     points = kw["points_file"] or ([parse_point(p) for p in kw["point"]] or None)
     boxes = kw["boxes_file"] or ([parse_box(b) for b in kw["box"]] or None)
     quiet = kw["quiet"]
+    if quiet:
+        from terrasam.warn import set_quiet
+
+        set_quiet()  # GDAL's warnings too
 
     def warn(message: str) -> None:
         click.echo(f"terrasam: warning: {message}", err=True)
@@ -90,9 +97,23 @@ def prompt(ctx, **kw):
     if not quiet:
         info = gdf.attrs["terrasam"]
         extra = "".join(f", {p}" for p in (kw["preview"], kw["map_"]) if p)
-        texts = f" and {len(info['texts'])} text prompts" if info["texts"] else ""
-        click.echo(f"{info['objects']} objects from {info['prompts']} prompts{texts} "
-                   f"-> {info['output']}{extra}")
+        texts = f" and {plural(len(info['texts']), 'text prompt')}" if info["texts"] else ""
+        click.echo(f"{plural(info['objects'], 'object')} from "
+                   f"{plural(info['prompts'], 'prompt')}{texts} -> {info['output']}{extra}")
+        if info["objects"] == 0:
+            click.echo(f"terrasam: hint: {_zero_objects_hint(info, kw)}", err=True)
+
+
+def _zero_objects_hint(info: dict, kw: dict) -> str:
+    """Why prompts gave nothing, and what to try."""
+    skipped = info.get("skipped") or {}
+    empty = len(skipped.get("empty") or [])
+    if info["texts"] and not info["prompts"]:
+        return (f"0 objects: no instance of {', '.join(map(repr, info['texts']))} scored "
+                f"--score-threshold {kw['score_threshold']:g} or more; try lowering it")
+    why = f" ({empty} empty masks)" if empty else ""
+    return (f"0 objects: the masks of the {info['prompts']} prompts were empty or removed by "
+            f"the cleaning or filter options{why}; check --min-area and --where")
 
 
 def _run(api, kw: dict, points, boxes, engine, warn):

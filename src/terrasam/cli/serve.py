@@ -31,10 +31,18 @@ def serve(raster, **kw):
     from terrasam.serve import require
 
     require()
+    from terrasam.checks import check_finite, check_run
     from terrasam.cli.options import AMG_NAMES
     from terrasam.raster import parse_bands
     from terrasam.serve.app import serve as run
 
+    amg = {k: kw[k] for k in AMG_NAMES if kw.get(k) is not None}
+    check_run(model=kw["model"], checkpoint=kw["checkpoint"], scale=kw["scale"],
+              simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"])
+    check_finite(amg)
+    from terrasam.amg import AMGParams
+
+    AMGParams.for_family("sam", **amg)  # the generator's own checks, before the model loads
     host = kw["host"]
     click.echo("terrasam: loading the model ...", err=True)
     run(raster, host=host or "127.0.0.1", port=kw["port"], allow_remote=host is not None,
@@ -43,6 +51,6 @@ def serve(raster, **kw):
         dtype=kw["dtype"], compile=kw["compile_"], bands=parse_bands(kw["bands"]),
         nodata=kw["nodata"], scale=kw["scale"], simplify=kw["simplify"],
         min_area=kw["min_area"], fill_holes=kw["fill_holes"],
-        amg={k: kw[k] for k in AMG_NAMES if kw.get(k) is not None},
+        amg=amg,
         cache_mb=kw["cache_mb"], basemap=kw["basemap"],
         score_threshold=kw["score_threshold"])

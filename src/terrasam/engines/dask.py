@@ -200,8 +200,8 @@ class DaskEngine:
                         workdir.save(tile, records)
                         timings.spill += time.perf_counter() - t0
                     submit_more()
-                if progress is not None:
-                    progress.update(1)
+                    if progress is not None:  # resumed tiles are counted by the bar's start
+                        progress.update(1)
                 yield tile, records
         finally:
             for fut in futures.values():

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from terrasam.engines.workdir import WorkDir
 from terrasam.errors import TerrasamError
+from terrasam.progress import reporting
 
 
 class Timings:
@@ -90,7 +91,8 @@ def run_tiles(tiles: Sequence, reader, job, model, *, workdir: WorkDir | None = 
                 if adapter is None:
                     adapter = model.load()
                 t0 = time.perf_counter()
-                records = job(adapter, rgb, valid, profile=timings.profile)
+                with reporting(progress):  # the bar moves within the tile
+                    records = job(adapter, rgb, valid, profile=timings.profile)
                 timings.model += time.perf_counter() - t0
                 timings.tiles_run += 1
                 del rgb, valid
@@ -98,15 +100,16 @@ def run_tiles(tiles: Sequence, reader, job, model, *, workdir: WorkDir | None = 
                     t0 = time.perf_counter()
                     workdir.save(tile, records)
                     timings.spill += time.perf_counter() - t0
-            if progress is not None:
-                progress.update(1)
+                if progress is not None:  # resumed tiles are counted by the bar's start
+                    progress.update(1)
             yield tile, records
     finally:
         if pool is not None:
             for fut in pending.values():
                 if fut is not None:
                     fut.cancel()
-            pool.shutdown(wait=True)
+            # Ctrl-C: queued reads are dropped; a read under way is one tile, soon done
+            pool.shutdown(wait=True, cancel_futures=True)
             thread_reader.close()
 
 

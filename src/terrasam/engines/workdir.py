@@ -9,11 +9,15 @@ hash and starts the directory afresh. Every engine uses the same directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import struct
+import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,14 +43,35 @@ def save_records(path: Path, tile, records: Sequence) -> None:
     os.replace(tmp, path)
 
 
+# what a truncated, garbled or foreign spill file raises on load
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, struct.error,
+               zlib.error, zipfile.BadZipFile)
+
+
 def load_records(path: Path, tile) -> list | None:
     """The records saved for ``tile``, or None when the file is unreadable or for another tile."""
     try:
         with np.load(path) as z:
             data = {k: z[k] for k in z.files}
         return unpack_records(data, tile)
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+    except _UNREADABLE:
         return None
+
+
+def _warn_changed(path: Path, old: dict, new: dict) -> None:
+    """Warn that a work directory from a run with other parameters is being started afresh."""
+    new = json.loads(json.dumps(new, default=str))
+    changed = set()
+    for k in set(old) | set(new):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):  # the job's settings: name the knob
+            changed.update(j for j in set(a) | set(b) if a.get(j) != b.get(j))
+        elif a != b:
+            changed.add(k)
+    changed = sorted(changed)
+    what = f" (changed: {', '.join(changed)})" if changed else ""
+    warnings.warn(f"work directory {str(path)!r} is from a run with other parameters{what}; "
+                  "starting afresh", UserWarning, stacklevel=3)
 
 
 class WorkDir:
@@ -67,6 +92,8 @@ class WorkDir:
             old = self._read_manifest()
             if old.get("key") != self.key:
                 self._clear()  # another run's tiles: never reuse them
+                if old:
+                    _warn_changed(self.path, old.get("params") or {}, params)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not manifest.exists():
@@ -97,12 +124,35 @@ class WorkDir:
         return self.tile_path(tile).exists()
 
     def load(self, tile) -> list | None:
+        """The saved records of ``tile``; None when there are none. An unreadable file
+        (truncated by a kill, garbled) is removed with a warning: the caller recomputes."""
         p = self.tile_path(tile)
-        return load_records(p, tile) if p.exists() else None
+        if not p.exists():
+            return None
+        records = load_records(p, tile)
+        if records is None:
+            warnings.warn(f"work directory tile {tile.index} was unreadable; recomputing it",
+                          UserWarning, stacklevel=2)
+            with contextlib.suppress(OSError):
+                p.unlink()
+        return records
 
     def save(self, tile, records) -> None:
-        save_records(self.tile_path(tile), tile, records)
+        from terrasam.io import write_failure
+
+        path = self.tile_path(tile)
+        try:
+            save_records(path, tile, records)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.with_name(path.name + ".part").unlink()
+            raise write_failure(path, exc) from None
 
     def remove(self) -> None:
         if (self.path / MANIFEST).exists():
             shutil.rmtree(self.path, ignore_errors=True)
+
+    def remove_unused(self) -> None:
+        """Remove the directory if it holds no finished tile (nothing to resume from)."""
+        if not any(f.name.startswith("tile_") for f in self.path.glob("tile_*")):
+            self.remove()

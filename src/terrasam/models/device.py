@@ -69,3 +69,23 @@ def compile_modules(*modules: torch.nn.Module, cache_dir: str | Path | None = No
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     for module in modules:
         module.compile()
+
+
+# Decoder memory per prompt: the two-way transformer and the mask upscaling run once per prompt
+# on its own copy of the image embedding (measured: +1.0 GB for 64 prompts, SAM 2.1 Hiera-Tiny,
+# float32, 1024 px). On a CPU, 16 prompts a call peak at a quarter of that and ran faster than
+# 64 (SAM 2.1 tiny 2.35 s against 2.64 s per 64 prompts, SAM ViT-B 2.65 s against 3.79 s).
+_DECODE_BYTES_PER_PROMPT = 16 << 20
+_CPU_DECODE_BATCH = 16
+
+
+def decode_batch_for(device: torch.device, requested: int, share: float = 0.5,
+                     most: int = 1024) -> int:
+    """Prompts per decoder call when none is set: on CUDA as many as fit in ``share`` of the
+    GPU memory free now (between min(16, requested) and ``most``); elsewhere at most 16."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return min(requested, _CPU_DECODE_BATCH)
+    free, _total = torch.cuda.mem_get_info(device)
+    fit = int(free * share) // _DECODE_BYTES_PER_PROMPT
+    return int(max(min(16, requested), min(most, fit)))

@@ -92,9 +92,12 @@ def get_spec(model_id: str) -> ModelSpec:
     try:
         return MODELS[model_id]
     except KeyError:
-        raise TerrasamError(
-            f"unknown model {model_id!r}; known models: {', '.join(MODELS)}"
-        ) from None
+        pass
+    import difflib
+
+    close = difflib.get_close_matches(str(model_id).lower(), list(MODELS), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise TerrasamError(f"unknown model {model_id!r}; {hint}known models: {', '.join(MODELS)}")
 
 
 def family_module(family: str, required: bool = True) -> ModuleType | None:

@@ -315,6 +315,16 @@ def meta_to_hf(meta_state_dict: dict):
         if unknown:
             raise TerrasamError(f"unexpected key {unknown[0]!r} in the SAM 2 checkpoint "
                                 f"({len(unknown)} unknown keys)")
+        for variant, size in _candidates(sd, dim, depth):  # name what the nearest one lacks
+            want = _meta_image_shapes(build_config("sam2", variant, size))
+            lacking = sorted(set(want) - set(image))
+            wrong = sorted(k for k in want if k in image and tuple(image[k].shape) != want[k])
+            if lacking or wrong:
+                what = (f"it is incomplete, with no tensor {lacking[0]!r} ({len(lacking)} "
+                        "missing)" if lacking else f"tensor {wrong[0]!r} has shape "
+                        f"{tuple(image[wrong[0]].shape)}, expected {want[wrong[0]]}")
+                raise TerrasamError(f"this SAM 2 checkpoint matches none of Meta's Hiera "
+                                    f"architectures: {what}")
         raise TerrasamError(
             "this SAM 2 checkpoint matches none of Meta's Hiera architectures (tiny, small, "
             f"base-plus, large); trunk width {dim}, {depth} blocks")

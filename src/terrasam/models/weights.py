@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +22,7 @@ META_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # Which terrasam family a transformers config's model_type belongs to.
 MODEL_TYPES = {"sam": "sam", "sam_hq": "sam_hq", "sam2": "sam2", "sam3": "sam3"}
 _TRUE = {"1", "on", "yes", "true"}
+_FAMILY_NAMES = {"sam": "SAM", "sam2": "SAM 2", "sam3": "SAM 3"}
 
 
 @dataclass
@@ -140,19 +142,56 @@ def is_cached(spec: ModelSpec) -> bool:
 # reading files
 
 
+def _file_kind(path: Path) -> str:
+    """What a checkpoint file looks like from its first bytes: empty, text, zip, pickle, other."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK"):
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2+: torch's legacy format
+        return "pickle"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "other"
+    return "text" if b"\x00" not in head else "other"
+
+
+def _unreadable(path: Path, kind: str, what: str) -> TerrasamError:
+    """The one sentence for a checkpoint file that cannot be read as ``what``."""
+    if kind == "empty":
+        return TerrasamError(f"checkpoint {path} is empty (0 bytes); download it again")
+    if kind == "text":
+        return TerrasamError(f"checkpoint {path} is a text file, not a {what} (a failed "
+                             f"download saves an error page; download it again)")
+    if kind in ("zip", "pickle", "safetensors"):
+        return TerrasamError(f"checkpoint {path} is truncated or corrupted: not a complete "
+                             f"{what}; download it again")
+    return TerrasamError(f"checkpoint {path} is not a {what}")
+
+
 def read_state_dict(path: str | Path) -> dict:
     """A state dict from a .safetensors file or a weights-only torch pickle; {"model": sd}
-    wrappers (SAM 2's .pt files) are unwrapped."""
+    wrappers (SAM 2's .pt files) are unwrapped.
+
+    A file holding pickled code is refused without running any of it (``weights_only=True``).
+    """
     import torch
 
     path = Path(path)
+    kind = _file_kind(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
-        except Exception as exc:
-            raise TerrasamError(f"cannot read {path}: not a valid safetensors file ({exc})") from None
+        except Exception:
+            raise _unreadable(path, kind if kind in ("empty", "text") else "safetensors",
+                              "safetensors file") from None
+    if kind not in ("zip", "pickle"):
+        raise _unreadable(path, kind, "PyTorch checkpoint")
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -161,20 +200,25 @@ def read_state_dict(path: str | Path) -> dict:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "unsupported global" not in str(exc).lower():  # not a pickled object: a broken file
-            raise TerrasamError(f"cannot read checkpoint {path}: not a PyTorch checkpoint") \
-                from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if "unsupported global" not in str(exc).lower() and found is None:
+            raise _unreadable(path, kind, "PyTorch checkpoint") from None
+        code = f" ({found.group(1)})" if found else ""
         raise TerrasamError(
-            f"refusing to load {path}: it holds pickled Python objects, not only tensors, and "
-            f"terrasam reads checkpoints with weights_only=True for safety") from None
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TerrasamError(f"cannot read checkpoint {path}: {first}") from None
+            f"refusing to load {path}: it holds Python code{code}, not only tensors, and "
+            f"terrasam loads only weights; use a checkpoint of tensors (e.g. the official "
+            f"release or a .safetensors file)") from None
+    except Exception:  # truncated archives and pickles fail with many types (EOFError, ...)
+        raise _unreadable(path, kind, "PyTorch checkpoint") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TerrasamError(f"{path} is not a state dict of tensors")
     return obj
+
+
+# A tensor every checkpoint of a layout holds, and key prefixes that show the layout.
+_SIGNATURES = (("image_encoder.patch_embed.proj.weight", ("image_encoder.blocks.", "mask_decoder.")),)
 
 
 def detect_family(meta_state_dict: dict, path: Path) -> ModuleType:
@@ -187,6 +231,11 @@ def detect_family(meta_state_dict: dict, path: Path) -> ModuleType:
         seen.add(module)
         if module.looks_like(meta_state_dict):
             return module
+    for key, prefixes in _SIGNATURES:
+        if key not in meta_state_dict and all(
+                any(k.startswith(p) for k in meta_state_dict) for p in prefixes):
+            raise TerrasamError(f"{path} is an incomplete SAM checkpoint: it has no tensor "
+                                f"{key!r}")
     raise TerrasamError(
         f"{path} is not a checkpoint terrasam recognises (SAM, SAM-HQ, SAM 2/2.1 or SAM 3 in "
         f"Meta's layout, or a Hugging Face model folder)")
@@ -203,8 +252,25 @@ def _check_loading_info(info: dict, source: str) -> None:
                 f"{'s' if len(keys) > 1 else ''} {', '.join(keys[:3])}{more}")
 
 
-def build_model(model_cls, config, state_dict: dict, source: str):
-    """Instantiate model_cls(config) with exactly state_dict (no missing or extra keys)."""
+def _mismatch(message: str, source: str, names: dict | None) -> str:
+    """torch's size-mismatch error as one sentence, the tensor named as in the file."""
+    found = re.search(r"size mismatch for ([\w.]+): copying a param with shape "
+                      r"torch.Size\(\[([\d, ]*)\]\) from checkpoint, the shape in current "
+                      r"model is torch.Size\(\[([\d, ]*)\]\)", message)
+    if found is None:
+        return (f"{source} does not match the model it describes: "
+                f"{message.strip().splitlines()[-1].strip()}")
+    key, got, want = found.groups()
+    key = (names or {}).get(key, key)
+    return (f"{source} does not match the model its other tensors describe: {key} has shape "
+            f"({got}), expected ({want}) (a checkpoint of another model or a modified file)")
+
+
+def build_model(model_cls, config, state_dict: dict, source: str, names: dict | None = None):
+    """Instantiate model_cls(config) with exactly state_dict (no missing or extra keys).
+
+    ``names`` maps state_dict keys to the keys of the file they came from, for messages.
+    """
     import torch
 
     with torch.device("meta"):
@@ -215,8 +281,7 @@ def build_model(model_cls, config, state_dict: dict, source: str):
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
-        raise TerrasamError(f"{source} does not match the model it describes: "
-                            f"{str(exc).splitlines()[-1].strip()}") from None
+        raise TerrasamError(_mismatch(str(exc), source, names)) from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
@@ -259,10 +324,20 @@ def spec_for_hf(family: str, module: ModuleType, model, folder: Path) -> ModelSp
 
 def load_hf_folder(folder: Path) -> tuple[object, str, ModuleType, list[Path]]:
     """(model, family, family module, weight files) from a save_pretrained folder."""
+    config_path = folder / "config.json"
     try:
-        config_dict = json.loads((folder / "config.json").read_text())
+        text = config_path.read_text()
     except (OSError, ValueError) as exc:
-        raise TerrasamError(f"cannot read {folder / 'config.json'}: {exc}") from None
+        raise TerrasamError(f"cannot read {config_path}: {exc}") from None
+    if not text.strip():
+        raise TerrasamError(f"{config_path} is empty; copy the model folder again")
+    try:
+        config_dict = json.loads(text)
+    except ValueError as exc:
+        raise TerrasamError(f"{config_path} is not valid JSON ({exc.args[0].split(':')[0]} at "
+                            f"line {exc.lineno}); copy the model folder again") from None
+    if not isinstance(config_dict, dict):
+        raise TerrasamError(f"{config_path} is not a model configuration")
     family = MODEL_TYPES.get(config_dict.get("model_type"))
     if family is None:
         raise TerrasamError(f"{folder} holds a {config_dict.get('model_type')!r} model; terrasam "
@@ -270,21 +345,43 @@ def load_hf_folder(folder: Path) -> tuple[object, str, ModuleType, list[Path]]:
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise TerrasamError(f"{folder} has a config.json but no *.safetensors weights")
+    for f in files:
+        _check_weights_file(f)
     module = family_module(family)
     model_cls = module.model_class(family)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # terrasam shows its own progress
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # wrong shapes are reported below, in one sentence
     try:
         model, info = model_cls.from_pretrained(folder, local_files_only=True,
-                                                output_loading_info=True)
+                                                output_loading_info=True,
+                                                ignore_mismatched_sizes=True)
     except TerrasamError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TerrasamError(f"cannot load the model in {folder}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     _check_loading_info(info, str(folder))
     return model.eval(), family, module, files
+
+
+def _check_weights_file(path: Path) -> None:
+    """A weights file of a model folder whose header reads; else the one sentence why not."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception:
+        kind = _file_kind(path)
+        raise _unreadable(path, kind if kind in ("empty", "text") else "safetensors",
+                          "safetensors file") from None
 
 
 def load_weights(model_id: str | None = None, checkpoint: str | Path | None = None) -> Loaded:
@@ -315,8 +412,17 @@ def load_weights(model_id: str | None = None, checkpoint: str | Path | None = No
                                 f"or a {'/'.join(META_SUFFIXES)} file)")
         state = read_state_dict(path)
         module = detect_family(state, path)
-        config, hf_state, guess = module.meta_to_hf(state)
-        model = build_model(module.model_class(guess.family), config, hf_state, str(path))
+        name = _FAMILY_NAMES.get(module.__name__.rsplit(".", 1)[-1], "SAM")
+        try:
+            config, hf_state, guess = module.meta_to_hf(state)
+            by_id = {id(v): k for k, v in state.items()}
+            names = {k: by_id.get(id(v), k) for k, v in hf_state.items()}
+            model = build_model(module.model_class(guess.family), config, hf_state, str(path),
+                                names)
+        except (ValueError, KeyError, IndexError, AttributeError) as exc:
+            # shapes that build no valid config (e.g. heads that do not divide the width)
+            raise TerrasamError(f"{path} has tensor shapes that fit no {name} architecture "
+                                f"({str(exc).strip() or type(exc).__name__})") from None
         family, files = guess.family, [path]
     spec = guess
     if wanted is not None:

@@ -17,6 +17,7 @@ from terrasam.prompts.windows import WindowPlan, _extent, _grown, _inside
 PARTS = ("all", "prompt")
 MAX_DOWNSAMPLE = 4.0  # warn when a box is read at coarser than 1/4 of the raster's resolution
 MAX_GROW = 3  # times a prompt is re-run in a larger window when its mask is cut by an edge
+STABILITY_OFFSET = 1.0  # the automatic generator's default stability_score_offset
 _BATCH = 32  # prompts per decoder call
 _UPSCALE_CHUNK = 8  # masks upscaled to window size at once (bounds memory)
 
@@ -74,8 +75,14 @@ def _keep_prompt_parts(mask: np.ndarray, points: np.ndarray, labels: np.ndarray,
 
 
 def _decode_window(adapter, embedding, items, valid, multimask_all: bool, parts: str):
-    """Decode prompts sharing one embedding; yields (prompt, mask, score, rank)."""
+    """Decode prompts sharing one embedding; yields (prompt, mask, score, stability, rank).
+
+    The stability score is the automatic generator's: the IoU of the mask's logits cut at
+    ``mask_threshold`` plus and minus ``STABILITY_OFFSET``.
+    """
     import torch
+
+    from terrasam.amg_utils import stability_score
 
     batches: dict = defaultdict(list)
     for item in items:
@@ -102,13 +109,15 @@ def _decode_window(adapter, embedding, items, valid, multimask_all: bool, parts:
                 mi = torch.tensor([s[1] for s in sel], device=low.device)
                 with torch.inference_mode():
                     logits = adapter.upscale(low[bi, mi], embedding)
+                    stab = stability_score(logits.float(), adapter.mask_threshold,
+                                           STABILITY_OFFSET).cpu().numpy()
                 masks = (logits > adapter.mask_threshold).cpu().numpy()
-                for (i, j, rank), mask in zip(sel, masks):
+                for (i, j, rank), mask, st in zip(sel, masks, stab):
                     p, xy, labels, box = chunk[i]
                     mask = mask & valid
                     if parts == "prompt":
                         mask = _keep_prompt_parts(mask, xy, labels, box)
-                    yield p, mask, float(iou_np[i, j]), rank
+                    yield p, mask, float(iou_np[i, j]), float(st), rank
 
 
 def run_point_box(reader, adapter, prompts: list[Prompt], plans: dict, report: Report, *,
@@ -153,8 +162,8 @@ def run_point_box(reader, adapter, prompts: list[Prompt], plans: dict, report: R
                 embedding = adapter.embed(rgb) if embed is None else embed(plan, rgb)
                 transform = plan.transform(reader.transform)
                 moved = set()
-                for p, mask, score, rank in _decode_window(adapter, embedding, items, valid,
-                                                           multimask_all, parts):
+                for p, mask, score, stab, rank in _decode_window(
+                        adapter, embedding, items, valid, multimask_all, parts):
                     if p.id in moved:
                         continue
                     if rank == 1 and attempt < max_grow and mask.any():
@@ -171,8 +180,8 @@ def run_point_box(reader, adapter, prompts: list[Prompt], plans: dict, report: R
                             report.empty.append(p.id)
                         continue
                     rows.append({"prompt_id": p.id, "prompt_type": p.type, "prompt": p.wkt,
-                                 "prompt_crs": p.crs, "score": score, "rank": rank,
-                                 "geometry": geom})
+                                 "prompt_crs": p.crs, "score": score, "predicted_iou": score,
+                                 "stability_score": stab, "rank": rank, "geometry": geom})
                 del embedding
             progress.update()
         if not regrow:
@@ -183,7 +192,8 @@ def run_point_box(reader, adapter, prompts: list[Prompt], plans: dict, report: R
     coarse = [i for i, w in final.items() if max(w.scale) / scale > max_downsample]
     if coarse:
         worst = max(max(final[i].scale) for i in coarse) / scale
-        warn(f"{len(coarse)} prompts span more than the model's {size}-pixel input and were "
+        them = "1 prompt spans" if len(coarse) == 1 else f"{len(coarse)} prompts span"
+        warn(f"{them} more than the model's {size}-pixel input and were "
              f"read at down to 1/{worst:.1f} of the working resolution "
              f"(prompt ids {_ids(coarse)}); small details may be lost")
     rows.sort(key=lambda r: (r["prompt_id"], r["rank"]))
@@ -207,8 +217,11 @@ def _report_skips(report: Report, total: int, warn) -> None:
         warn(f"{len(report.empty)} of {total} prompts gave an empty mask "
              f"(prompt ids {_ids(report.empty)})")
     if report.dropped_points:
-        warn(f"{report.dropped_points} positive points outside the raster or on nodata were "
-             "left out of their prompts")
+        n = report.dropped_points
+        warn(f"{n} positive point{'s' if n > 1 else ''} outside the raster or on nodata "
+             f"{'were' if n > 1 else 'was'} left out of {'their prompts' if n > 1 else 'its prompt'}")
     if report.unused_negatives:
-        warn(f"{report.unused_negatives} negative points are outside the window of every "
-             "prompt they could refine and were ignored")
+        n = report.unused_negatives
+        warn(f"{n} negative point{'s are' if n > 1 else ' is'} outside the window of every "
+             f"prompt {'they' if n > 1 else 'it'} could refine and {'were' if n > 1 else 'was'} "
+             "ignored")

@@ -150,10 +150,18 @@ def _read_frame(source, kind: str):
     path = Path(source)
     if not path.exists():
         raise TerrasamError(f"{kind} file {str(source)!r} does not exist.")
+    if path.is_file() and path.stat().st_size == 0:
+        raise TerrasamError(f"{kind} file {str(source)!r} is empty (0 bytes).")
     try:
         return gpd.read_file(path, engine="pyogrio")
     except Exception as exc:  # pyogrio/GDAL errors have many types
-        reason = str(exc).split("\n")[0].rstrip(".")
+        text = str(exc).split("\n")[0]
+        if "not recognized as being in a supported file format" in text:
+            raise TerrasamError(f"{kind} file {str(source)!r} is not a vector file GDAL reads "
+                                "(GeoPackage, GeoJSON, Shapefile, FlatGeobuf, ...).") from None
+        # GDAL's first sentence, without its advice or the path it repeats
+        reason = text.split("; ")[0].replace(f"'{path}'", "").replace(str(path), "")
+        reason = " ".join(reason.split()).strip(" .:") or type(exc).__name__
         raise TerrasamError(f"cannot read {kind} file {str(source)!r} ({reason}).") from None
 
 
@@ -161,6 +169,8 @@ def _features_from_frame(source, kind: str, label_field, group_field) -> tuple[l
     """Features of a points/boxes file; also whether it had the group field."""
     frame = _read_frame(source, f"{kind}s")
     name = str(source) if isinstance(source, (str, Path)) else f"the {kind}s frame"
+    if not len(frame):
+        raise TerrasamError(f"{name} holds no features: it has no {kind} prompts.")
     columns = [c for c in frame.columns if c != frame.geometry.name]
     if kind == "point" and label_field is not None and label_field not in frame.columns:
         raise TerrasamError(
@@ -185,6 +195,11 @@ def _features_from_frame(source, kind: str, label_field, group_field) -> tuple[l
                 f"{name} holds {gtype} geometries; box prompts must be polygons "
                 "(give points with --points)."
             )
+        coords = shapely.get_coordinates(geom)
+        if not np.isfinite(coords).all():
+            bad = coords[~np.isfinite(coords)][0]
+            raise TerrasamError(f"{name}: {kind} feature {i + 1} has a non-finite coordinate "
+                                f"({bad}).")
         label = 1
         if kind == "point" and label_field is not None:
             label = _label(frame[label_field].iloc[i], f"{name}: field {label_field!r}")
@@ -224,12 +239,14 @@ def _features_from_tuples(items, kind: str, crs) -> list:
                 )
             label = _label(item[2], "a point label") if len(item) >= 3 else 1
             group = ("__group__", _group_text(item[3])) if len(item) == 4 else ("__feature__", kind, i)
+            _check_finite(item[:2], f"point {i + 1}")
             geom = shapely.Point(float(item[0]), float(item[1]))
         else:
             if len(item) not in (4, 5):
                 raise TerrasamError(
                     f"a box prompt is (minx, miny, maxx, maxy[, group]), got {item!r}."
                 )
+            _check_finite(item[:4], f"box {i + 1}")
             x0, y0, x1, y1 = (float(v) for v in item[:4])
             if not (x1 > x0 and y1 > y0):
                 raise TerrasamError(
@@ -239,6 +256,18 @@ def _features_from_tuples(items, kind: str, crs) -> list:
             geom = shapely.box(x0, y0, x1, y1)
         feats.append(_Feature(geom, label if kind == "point" else 1, group, crs, kind))
     return feats
+
+
+def _check_finite(values, what: str) -> None:
+    """Refuse NaN and infinite coordinates: they would otherwise read as "outside the raster"."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise TerrasamError(f"{what} has a coordinate that is not a number "
+                            f"({', '.join(map(str, values))}).") from None
+    bad = [v for v in numbers if not math.isfinite(v)]
+    if bad:
+        raise TerrasamError(f"{what} has a non-finite coordinate ({bad[0]}).")
 
 
 def _is_tuples(source) -> bool:
@@ -418,10 +447,62 @@ class _PixelMapper:
         return np.concatenate([corners.min(axis=0), corners.max(axis=0)])
 
 
+def outside_error(prompts: list[Prompt], reader) -> TerrasamError:
+    """The error for prompts that all fall outside the raster: the raster's bounds in the
+    prompts' CRS, and a hint when swapping their x and y (lon/lat) would put them inside."""
+    which = "the prompt falls" if len(prompts) == 1 else f"all {len(prompts)} prompts fall"
+    crs = _as_crs(prompts[0].crs, "the prompt CRS") if prompts and prompts[0].crs else None
+    rcrs = _as_crs(reader.crs, "the raster CRS") if reader.crs else None
+    bounds = _raster_bounds_text(reader)
+    if crs is not None and rcrs is not None and crs != rcrs:
+        try:
+            bounds = f"{_bounds_text(_bounds_in(reader, rcrs, crs), crs)} in {_crs_text(crs)}"
+        except Exception:  # the raster does not reproject into the prompts' CRS
+            pass
+    hint = "check their CRS (--crs)"
+    if _swapped_inside(prompts, reader, rcrs, crs):
+        hint = "did you swap lon/lat? give x (longitude) first, then y (latitude)"
+        if crs is None or not crs.is_geographic:
+            hint = "did you swap lon/lat? give x (easting) first, then y (northing)"
+    return TerrasamError(f"{which} outside the raster ({bounds}); {hint}.")
+
+
+def _bounds_in(reader, rcrs, crs) -> tuple[float, float, float, float]:
+    """The raster's footprint in another CRS (its outline densified before reprojecting)."""
+    outline = shapely.segmentize(shapely.box(*rasterio_bounds(reader)),
+                                 max(abs(reader.transform.a), abs(reader.transform.e)) * 16)
+    geom = _reproject(outline, rcrs, crs)
+    bounds = geom.bounds
+    if not np.isfinite(bounds).all():
+        raise ValueError("not finite")
+    return bounds
+
+
+def _swapped_inside(prompts: list[Prompt], reader, rcrs, crs) -> bool:
+    """Whether every prompt, its x and y exchanged, falls inside the raster."""
+    mapper = _PixelMapper(rcrs, ~reader.transform)
+    for p in prompts:
+        try:
+            xy = shapely.get_coordinates(shapely.from_wkt(p.wkt))[:, ::-1]
+            px = mapper.points(xy, crs)
+        except Exception:  # swapped values outside the CRS's domain
+            return False
+        inside = (np.isfinite(px).all(axis=1) & (px[:, 0] >= 0) & (px[:, 0] < reader.width)
+                  & (px[:, 1] >= 0) & (px[:, 1] < reader.height))
+        if not len(px) or not inside.any():
+            return False
+    return True
+
+
 def _raster_bounds_text(reader) -> str:
-    x0, y0, x1, y1 = rasterio_bounds(reader)
-    crs = _crs_text(_as_crs(reader.crs, "raster CRS")) if reader.crs else "pixel units"
-    return f"{x0:.6g}, {y0:.6g}, {x1:.6g}, {y1:.6g} in {crs}"
+    crs = _as_crs(reader.crs, "raster CRS") if reader.crs else None
+    return f"{_bounds_text(rasterio_bounds(reader), crs)} in {_crs_text(crs) or 'pixel units'}"
+
+
+def _bounds_text(bounds, crs) -> str:
+    """minx, miny, maxx, maxy with the decimals that matter: 6 for degrees, 2 for metres."""
+    digits = 6 if crs is not None and crs.is_geographic else 2
+    return ", ".join(f"{v:.{digits}f}" for v in bounds)
 
 
 def rasterio_bounds(reader) -> tuple[float, float, float, float]:

@@ -71,6 +71,7 @@ class Candidate:
     prompt: str  # the prompt as given (WKT in prompt_crs), "auto" or the text concept
     prompt_crs: str
     score: float
+    stability: float = float("nan")  # the stability score (NaN: none, as for text)
 
 
 class _LockedModel:
@@ -213,7 +214,8 @@ class Session:
                         "scale": scale, "simplify": simplify, "min_area": min_area,
                         "fill_holes": fill_holes}
         self.basemap = basemap
-        self._reader = open_raster(self.src, bands=bands, nodata=nodata, scale=scale)
+        # the raw argument: open_raster keeps /vsi paths and URLs as GDAL needs them
+        self._reader = open_raster(raster, bands=bands, nodata=nodata, scale=scale)
         self._reader.scaling  # noqa: B018 - global statistics once, shared by every thread
         if self._reader.crs is None:
             self._reader.close()
@@ -326,10 +328,11 @@ class Session:
             return None
         return c0, r0, c1, r1
 
-    def _candidate(self, geom, prompt_type, prompt, prompt_crs, score) -> Candidate:
+    def _candidate(self, geom, prompt_type, prompt, prompt_crs, score,
+                   stability=float("nan")) -> Candidate:
         with self._state:
             c = Candidate(self._next_candidate, geom, prompt_type, prompt, prompt_crs,
-                          float(score))
+                          float(score), float(stability))
             self._next_candidate += 1
             self.candidates[c.id] = c
             while len(self.candidates) > MAX_CANDIDATES:
@@ -395,9 +398,8 @@ class Session:
             pts, bxs, raster_crs=self.crs, transform=self._reader.transform, crs=WGS84,
             warn=warnings.append)
         live = windows.clip_prompts(prompts, self.width, self.height, report)
-        if not live:
-            raise RequestError("the prompt falls outside the raster "
-                               f"({sources._raster_bounds_text(self._reader)}).", "outside")
+        if not live:  # the raster's bounds in lon/lat, and a hint when they look swapped
+            raise RequestError(str(sources.outside_error(prompts, self._reader)), "outside")
         live, plans = windows.plan_windows(live, negatives, self.width, self.height,
                                            self.image_size, report)
         computed: list = []
@@ -414,7 +416,8 @@ class Session:
             return {"feature": None, "message": "the model found no object there.",
                     "timing": timing, "warnings": warnings}
         r = rows[0]
-        c = self._candidate(geom, r["prompt_type"], r["prompt"], r["prompt_crs"], r["score"])
+        c = self._candidate(geom, r["prompt_type"], r["prompt"], r["prompt_crs"], r["score"],
+                            r["stability_score"])
         return {"feature": self.feature(c), "timing": timing, "warnings": warnings}
 
     def _view(self, bounds, limit: int):
@@ -524,7 +527,7 @@ class Session:
             for i in ids:
                 c = self.candidates.pop(i)
                 obj = Candidate(self._next_object, c.geometry, c.prompt_type, c.prompt,
-                                c.prompt_crs, c.score)
+                                c.prompt_crs, c.score, c.stability)
                 self._next_object += 1
                 self.objects[obj.id] = obj
                 kept.append(obj)
@@ -553,6 +556,8 @@ class Session:
                    "prompt": np.array([o.prompt for o in objs], dtype=object),
                    "prompt_crs": np.array([o.prompt_crs for o in objs], dtype=object),
                    "score": np.array([o.score for o in objs], dtype=np.float64),
+                   "predicted_iou": np.array([o.score for o in objs], dtype=np.float64),
+                   "stability_score": np.array([o.stability for o in objs], np.float64),
                    "model": np.array([model_id] * len(objs), dtype=object)}
         return to_frame(np.array([o.geometry for o in objs], dtype=object), self.crs, columns)
 
