@@ -28,3 +28,19 @@ def sample_raster() -> Path:
     from terrasam.data import sample_raster
 
     return sample_raster()
+
+
+@pytest.fixture(scope="session")
+def sam_file(tmp_path_factory) -> Path:
+    """A tiny random SAM checkpoint in Meta's .pth layout."""
+    from terrasam.testing import random_checkpoint
+
+    return random_checkpoint("sam-vit-b", tmp_path_factory.mktemp("sam"), format="meta")
+
+
+@pytest.fixture(scope="session")
+def sam2_file(tmp_path_factory) -> Path:
+    """A tiny random SAM 2.1 checkpoint in Meta's .pt layout."""
+    from terrasam.testing import random_checkpoint
+
+    return random_checkpoint("sam2.1-hiera-tiny", tmp_path_factory.mktemp("sam2"), format="meta")

@@ -36,7 +36,6 @@ import synth
 from oracle import OracleAdapter
 from terrasam.cli import main
 from terrasam.models.ref import ModelRef
-from terrasam.testing import random_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 UTM_T = synth.utm_transform()
@@ -848,16 +847,6 @@ def _(ctx):
 
 
 # --------------------------------------------------------------------------- running the table
-
-
-@pytest.fixture(scope="module")
-def sam_file(tmp_path_factory) -> Path:
-    return random_checkpoint("sam-vit-b", tmp_path_factory.mktemp("sam"), format="meta")
-
-
-@pytest.fixture(scope="module")
-def sam2_file(tmp_path_factory) -> Path:
-    return random_checkpoint("sam2.1-hiera-tiny", tmp_path_factory.mktemp("sam2"), format="meta")
 
 
 def listing(folder: Path) -> list[str]:

@@ -36,16 +36,6 @@ def scene(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sam_file(tmp_path_factory) -> Path:
-    return random_checkpoint("sam-vit-b", tmp_path_factory.mktemp("sam"), format="meta")
-
-
-@pytest.fixture(scope="module")
-def sam2_file(tmp_path_factory) -> Path:
-    return random_checkpoint("sam2.1-hiera-tiny", tmp_path_factory.mktemp("sam2"), format="meta")
-
-
-@pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     return random_checkpoint("sam-vit-b", tmp_path_factory.mktemp("hf") / "m", format="hf")
 
