@@ -30,6 +30,7 @@ resampling: every pixel is a source pixel or its mirror).
     python benchmarks/amg_parity.py --official-runs 1 --runs 3 --markdown parity.md
     python benchmarks/amg_parity.py --models sam-vit-b --settings default --runs 1
     python benchmarks/amg_parity.py --points-per-side 8 --settings per-prompt --runs 1  # smoke
+    python benchmarks/amg_parity.py --settings default,per-prompt --runs 2 --backend onnx
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--modes", default="exact,fast", help="terrasam modes to run")
+    ap.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
+                    help="terrasam's image-encoder runtime (onnx needs onnxruntime and onnx in "
+                         "this environment; the export is cached, keyed by the checkpoint)")
     ap.add_argument("--fast-dtype", default="bfloat16",
                     help="model precision of the fast runs (the CLI's --fast uses bfloat16)")
     ap.add_argument("--markdown", type=Path, default=None,
@@ -217,7 +221,8 @@ def main(argv=None) -> int:
     image = load_image(args.image)
     header = (f"image {args.image.name}: {image.shape[1]}x{image.shape[0]} (reflect-padded), "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"device {args.device}, {args.official_runs} official run(s), {args.runs} "
+              f"device {args.device}, terrasam backend {args.backend}, "
+              f"{args.official_runs} official run(s), {args.runs} "
               "terrasam run(s) per mode, median times")
     print(header)
     rows = []
@@ -228,10 +233,11 @@ def main(argv=None) -> int:
             random_checkpoint(model_id, ckpt, size="full", format="meta", seed=0,
                               prompt_sensitive=True)
         modes = args.modes.split(",")
-        adapter = load_model(model_id, checkpoint=str(ckpt), device=args.device, dtype="float32")
+        adapter = load_model(model_id, checkpoint=str(ckpt), device=args.device, dtype="float32",
+                             backend=args.backend)
         adapters = {"exact": adapter, "fast": adapter if args.fast_dtype == "float32" else
                     load_model(model_id, checkpoint=str(ckpt), device=args.device,
-                               dtype=args.fast_dtype)}
+                               dtype=args.fast_dtype, backend=args.backend)}
         official = official_model(model_id, spec.family, ckpt)
         for setting in args.settings.split(","):
             params = AMGParams.for_family(spec.family, points_per_side=args.points_per_side,

@@ -6,6 +6,8 @@ median of --runs timed runs (after one untimed warm-up run, which also compiles)
 
     python benchmarks/model_speed.py                       # all families, 5 runs
     python benchmarks/model_speed.py --models sam-vit-b --runs 1 --modes fp32,bf16
+    python benchmarks/model_speed.py --models sam-vit-b,sam2.1-hiera-tiny --modes fp32 \
+        --backends torch,onnx,onnx-int8 --runs 3
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ def _timed(fn, device, runs: int) -> float:
     return statistics.median(times)
 
 
-def bench(model_id: str, mode: str, device: torch.device, runs: int, prompts: int):
+def bench(model_id: str, mode: str, device: torch.device, runs: int, prompts: int,
+          backend: str = "torch"):
     """(encoder seconds per tile, decoder seconds per `prompts` prompts)."""
     spec = get_spec(model_id)
     module = family_module(spec.family)
     dtype, compiled = MODES[mode]
     model = random_model(model_id, size="full", seed=0)
+    encoder = None
+    if backend != "torch":  # exported from the float32 weights (cached, keyed by their hash)
+        from terrasam.models import onnx_backend
+
+        encoder = onnx_backend.load_encoder(model, spec.family, None, backend, device)
     adapter = adapter_class(module, spec.family)(model, spec, device, dtype)
+    if encoder is not None:  # and the generator's decodes (float32 only; else torch's)
+        adapter.encoder = encoder
+        onnx_backend.attach_decoder(adapter, encoder.sha256)
     if compiled:
         compile_modules(*[getattr(adapter.model, n) for n in ("vision_encoder", "mask_decoder")
                           if hasattr(adapter.model, n)])
@@ -74,6 +85,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--backends", default="torch",
+                        help="comma-separated runtimes: torch, onnx, onnx-int8 (ORT encoder, "
+                             "and ORT decoder for single-point float32 prompts as the CLI)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -82,19 +96,23 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"{device.type}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; median of {args.runs} run(s)\n")
-    print(f"| model | mode | encoder s / {1024} px tile | decoder s / {args.prompts} prompts |")
-    print("| --- | --- | ---: | ---: |")
+    print(f"| model | mode | backend | encoder s / {1024} px tile | decoder s / {args.prompts} "
+          "prompts |")
+    print("| --- | --- | --- | ---: | ---: |")
     for model_id in args.models.split(","):
         spec = get_spec(model_id)
         if family_module(spec.family, required=False) is None:
-            print(f"| {model_id} | - | not available | not available |")
+            print(f"| {model_id} | - | - | not available | not available |")
             continue
         for mode in args.modes.split(","):
-            try:
-                enc, dec = bench(model_id, mode, device, args.runs, args.prompts)
-                print(f"| {model_id} | {mode} | {enc:.3f} | {dec:.3f} |", flush=True)
-            except Exception as exc:  # a mode a device cannot run is reported, not fatal
-                print(f"| {model_id} | {mode} | failed: {type(exc).__name__} | |", flush=True)
+            for backend in args.backends.split(","):
+                try:
+                    enc, dec = bench(model_id, mode, device, args.runs, args.prompts, backend)
+                    print(f"| {model_id} | {mode} | {backend} | {enc:.3f} | {dec:.3f} |",
+                          flush=True)
+                except Exception as exc:  # a mode a device cannot run is reported, not fatal
+                    print(f"| {model_id} | {mode} | {backend} | failed: {type(exc).__name__} "
+                          f"| |", flush=True)
 
 
 if __name__ == "__main__":

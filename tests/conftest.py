@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+# runs remember their speed per tile (terrasam.speed): in a folder of this session, not the
+# user's cache
+os.environ.setdefault("TERRASAM_CACHE_DIR", tempfile.mkdtemp(prefix="terrasam-test-cache-"))
 
 SHARED_DATA = Path(
     os.environ.get("TERRASAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")

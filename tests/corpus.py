@@ -15,7 +15,7 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
-from pyproj import Transformer
+from pyproj import Geod, Transformer
 from shapely.geometry import box
 
 import synth
@@ -61,6 +61,21 @@ def reproject(geom, src, dst="EPSG:4326"):
     t = Transformer.from_crs(src, dst, always_xy=True)
     geom = shapely.segmentize(geom, max(geom.length / 400, 1e-9))
     return shapely.transform(geom, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+
+
+def lonlat_box_area(x0, y0, x1, y1) -> float:
+    """The exact area (m2) of a lon/lat rectangle, its edges along meridians and parallels, on
+    the WGS 84 ellipsoid: the zone between two parallels, a share of it by longitude."""
+    geod = Geod(ellps="WGS84")
+    e = np.sqrt(geod.f * (2 - geod.f))
+    b = geod.a * (1 - geod.f)
+
+    def zone(lat):  # area from the equator to lat per radian of longitude
+        s = np.sin(np.radians(lat))
+        return b * b * (s / (2 * (1 - e * e * s * s))
+                        + np.log((1 + e * s) / (1 - e * s)) / (4 * e))
+
+    return float(np.radians(x1 - x0) * (zone(y1) - zone(y0)))
 
 
 def rect_polygon(i: int, transform: Affine, rects=RECTS):

@@ -22,6 +22,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pyogrio
+import pyproj
 import pytest
 import rasterio
 import shapely
@@ -383,6 +384,89 @@ def _(ctx):
     raster = utm_raster(ctx, transform=t, crs=synth.WGS84)
     return ok(seg(ctx, raster, "o.gpkg", "--gsd", "1.5"), N, synth.WGS84,
               corpus.footprint(t, 128, 128))
+
+
+def inside_bounds_and_geodesic(raster, whole=None):
+    """No coordinate past the raster's bounds (exactly), every area_m2 the geodesic area of
+    its geometry; ``whole``: the one object is the whole raster, of this exact area."""
+    def check(ctx, result, gdf):
+        with rasterio.open(raster) as ds:
+            b = ds.bounds
+        xy = shapely.get_coordinates(gdf.geometry.values)
+        assert b.left <= xy[:, 0].min() and xy[:, 0].max() <= b.right, (xy[:, 0].max(), b)
+        assert b.bottom <= xy[:, 1].min() and xy[:, 1].max() <= b.top, (xy[:, 1].min(), b)
+        geod = pyproj.Geod(ellps="WGS84")
+        for g, area in zip(gdf.geometry, gdf["area_m2"]):
+            assert area >= 0
+            if whole is None:  # small objects: pyproj's own geodesic area
+                assert area == pytest.approx(abs(geod.geometry_area_perimeter(g)[0]), rel=1e-9)
+        if whole is not None:
+            assert len(gdf) == 1 and gdf.geometry[0].equals(box(*b))
+            assert gdf["area_m2"][0] == pytest.approx(whole, rel=1e-6)
+    return check
+
+
+# objects touching the right and bottom edges, which a resampled grid's last pixel overran
+EDGE_RECTS = [(10, 10, 50, 60), (70, 90, 128, 128), (100, 0, 128, 40)]
+
+
+@pytest.mark.parametrize("gsd", ["1.3", "7.7"])
+def test_wgs84_gsd_objects_at_the_edge_stay_inside(tmp_path, monkeypatch, gsd):
+    # before: 1.7e-6 and 2.4e-5 degrees past the right/bottom edge (a fraction of a coarse
+    # pixel); now every coordinate lies within the raster's bounds
+    t = synth.geographic_transform(pixel_size=1e-5)
+    raster = corpus.geotiff(tmp_path / "edge.tif", corpus.labels_of(EDGE_RECTS), transform=t,
+                            crs=synth.WGS84)
+    gdf = run_oracle(tmp_path, monkeypatch, ["segment", raster, "-o", tmp_path / "o.gpkg",
+                                             *FAST, "--scale", "none", "--gsd", gsd])
+    assert len(gdf) >= 3
+    inside_bounds_and_geodesic(raster)(None, None, gdf)
+
+
+@pytest.mark.parametrize("transform, gsd, bounds", [
+    (Affine(0.05, 0, 0, 0, -0.05, -83.6), "50000", (0, -90, 6.4, -83.6)),  # down to the pole
+    (Affine(0.1, 0, 175, 0, -0.1, 10), "1000000", (175, -2.8, 187.8, 10)),  # the antimeridian
+    (Affine(360 / 128, 0, -180, 0, -180 / 128, 90), "5000000", (-180, -90, 180, 90)),  # globe
+], ids=["pole", "antimeridian", "globe"])
+def test_extreme_gsd_on_wgs84_keeps_the_raster_and_its_area(tmp_path, monkeypatch, transform,
+                                                            gsd, bounds):
+    # one object covering the raster, read at 3-4 coarse pixels a side whose last one reached
+    # 1.2 degrees past the pole (area NaN), 5.2 degrees past the raster's east edge, or 22
+    # degrees past the globe's; now the object is the raster, of its exact ellipsoidal area
+    raster = corpus.geotiff(tmp_path / "x.tif", np.ones((128, 128), np.int32),
+                            transform=transform, crs=synth.WGS84)
+    gdf = run_oracle(tmp_path, monkeypatch, ["segment", raster, "-o", tmp_path / "o.gpkg",
+                                             *FAST, "--scale", "none", "--gsd", gsd])
+    inside_bounds_and_geodesic(raster, whole=corpus.lonlat_box_area(*bounds))(None, None, gdf)
+
+
+def run_oracle(tmp_path, monkeypatch, args):
+    """``terrasam ARGS`` in-process with the oracle model; the objects written to -o."""
+    oracle = OracleAdapter(background=corpus.BLACK)
+    monkeypatch.setattr(ModelRef, "for_run", classmethod(lambda cls, *a, **k: cls.of(oracle)))
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return gpd.read_file(args[args.index("-o") + 1])
+
+
+@case("gsd-leaves-less-than-one-pixel", error=["--gsd 130 m", "less than one pixel",
+                                               "128 x 128 pixels of 1 m", "at most 128 m"],
+      oracle=False)
+def _(ctx):
+    # refused before the model loads: this checkpoint cannot load
+    (ctx.inp / "page.pth").write_text("<html>403</html>\n")
+    raster = utm_raster(ctx, transform=synth.geographic_transform(pixel_size=1e-5),
+                        crs=synth.WGS84)
+    return Run(seg(ctx, raster, "o.gpkg", "--gsd", "130", "--checkpoint",
+                   str(ctx.inp / "page.pth")))
+
+
+@case("gsd-too-fine", error=["--gsd 0.004 m", "0.5 m pixel into 125.0 x 125.0",
+                             "at most 100 x 100", "at least 0.005 m"], oracle=False)
+def _(ctx):
+    (ctx.inp / "page.pth").write_text("<html>403</html>\n")
+    return Run(seg(ctx, utm_raster(ctx), "o.gpkg", "--gsd", "0.004", "--checkpoint",
+                   str(ctx.inp / "page.pth")))
 
 
 # --------------------------------------------------------------------------- bands and dtypes
@@ -994,3 +1078,24 @@ def test_killed_run_leaves_only_hidden_temporaries_that_the_next_run_removes(tmp
     assert again.returncode == 0, again.stderr
     assert listing(out) == ["labels.tif", "o.gpkg"]
     assert len(gpd.read_file(out / "o.gpkg")) == N
+
+
+def test_a_read_error_under_stats_is_one_sentence_and_leaves_no_output(tmp_path, monkeypatch):
+    # band 2 (only --stats reads it) has a corrupt block; the model reads band 1 alone
+    src = corpus.geotiff(tmp_path / "whole.tif", interleave="band")
+    bad = corpus.corrupt_tile(src, tmp_path / "bad.tif", tile=5)  # 4 blocks a band
+    out = tmp_path / "out"
+    out.mkdir()
+    oracle = OracleAdapter(background=corpus.BLACK)
+    monkeypatch.setattr(ModelRef, "for_run", classmethod(lambda cls, *a, **k: cls.of(oracle)))
+    result = CliRunner().invoke(main, [*seg(Ctx(tmp_path, out, None), bad), "--bands", "1",
+                                       "--stats", "mean", "--stats-bands", "2"])
+    assert result.exit_code == 1, result.output
+    lines = stderr_lines(result)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"terrasam: error: cannot read {bad} for --stats: bad.tif, band 2: "), lines
+    assert "exactextract" not in lines[0].lower() and lines[0].endswith(".")
+    # no output and no temporaries: only the work directory, to resume from
+    names = listing(out)
+    assert "o.gpkg.terrasam-work/" in names, names
+    assert all(n.startswith("o.gpkg.terrasam-work/") for n in names), names

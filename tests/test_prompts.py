@@ -387,13 +387,13 @@ def test_cli_tiny_random_sam3_text_over_tiles_and_points(tmp_path):
     frame = synth.pixel_to_crs(shapely.box(0, 0, 160, 160), sc.transform)
     assert all(frame.buffer(1e-6).contains(g) for g in gdf.geometry)
     assert gdf.score.between(0, 1).all()
-    # SAM 3 in transformers is a concept detector: a point prompt is refused in one line
+    # a point prompt runs through SAM 3's tracker (from the same checkpoint folder)
     result = CliRunner().invoke(main, [
         "prompt", str(sc.path), "-o", str(tmp_path / "pt.gpkg"), "--checkpoint", str(ckpt),
         "--point", ",".join(map(str, inside_point(sc, 1))), "--quiet"])
-    assert result.exit_code == 1
-    assert "--text" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "pt.gpkg").exists()
+    assert result.exit_code == 0, result.output
+    points = gpd.read_file(tmp_path / "pt.gpkg")
+    assert list(points.prompt_type) == ["point"] and set(points.model) == {"sam3"}
 
 
 # --------------------------------------------------------------------------- issue 14

@@ -14,7 +14,7 @@ from scipy import ndimage
 from oracle import ComponentsJob
 from terrasam.stitch import stitch
 from terrasam.tiling import make_grid
-from terrasam.vectorize import labels_to_geometries, mask_to_geometry, mask_to_polygons
+from terrasam.vectorize import join_blocks, labels_to_geometries, mask_to_geometry, mask_to_polygons
 
 SETTINGS = settings(max_examples=40, deadline=None, database=None)
 
@@ -68,6 +68,28 @@ def burn(geoms, shape, transform) -> np.ndarray:
         return np.zeros(shape, bool)
     return rasterize([(g, 1) for g in geoms], out_shape=shape, transform=transform,
                      fill=0, dtype="uint8").astype(bool)
+
+
+@SETTINGS
+@given(mask=masks(), block=st.integers(1, 12), connectivity=st.sampled_from([4, 8]))
+def test_block_pieces_join_to_the_whole_masks_polygons(mask, block, connectivity):
+    """join_blocks of a mask vectorised block by block = the mask vectorised at once."""
+    h, w = mask.shape
+    pieces = {}
+    for by in range(-(-h // block)):
+        for bx in range(-(-w // block)):
+            sub = mask[by * block:(by + 1) * block, bx * block:(bx + 1) * block]
+            pieces[(bx, by)] = mask_to_geometry(sub, Affine.translation(bx * block, by * block),
+                                                connectivity)
+    joined = join_blocks(pieces, block)
+    whole = mask_to_geometry(mask, Affine.identity(), connectivity)
+    if whole is None:
+        assert joined is None
+        return
+    assert joined.is_valid
+    assert np.array_equal(burn([joined], mask.shape, Affine.identity()), mask)
+    assert shapely.symmetric_difference(joined, whole).area == 0
+    assert shapely.get_num_geometries(joined) == shapely.get_num_geometries(whole)
 
 
 @SETTINGS
@@ -154,8 +176,11 @@ def truth_sets(labels) -> set:
 
 
 @SETTINGS
-@given(labels=scenes(), tile=st.integers(16, 96), overlap_fraction=st.floats(0.25, 0.6))
-def test_any_tiling_of_a_scene_gives_the_same_objects(labels, tile, overlap_fraction):
+@given(labels=scenes(), tile=st.integers(16, 96), overlap_fraction=st.floats(0.25, 0.6),
+       block=st.sampled_from([None, 8, 21, 64]))
+def test_any_tiling_of_a_scene_gives_the_same_objects(labels, tile, overlap_fraction, block):
+    """... also when objects are kept in blocks (``block``: every object above 64 px of box
+    takes the large-object path, on that block grid)."""
     h, w = labels.shape
     overlap = min(tile - 1, max(4, int(tile * overlap_fraction)))
     grid = make_grid(w, h, Affine.identity(), tile_size=tile, overlap=overlap)
@@ -167,8 +192,10 @@ def test_any_tiling_of_a_scene_gives_the_same_objects(labels, tile, overlap_frac
             window = rgb[t.y0:t.y0 + t.height, t.x0:t.x0 + t.width]
             yield t, job(None, window, None)
 
-    objects = stitch(results(), grid.tiles, grid.width, grid.height)
+    large = {} if block is None else {"canvas_limit": 64, "block": block}
+    objects = stitch(results(), grid.tiles, grid.width, grid.height, **large)
     assert pixel_sets(objects, labels.shape) == truth_sets(labels)
+    assert all(o.geometry.is_valid for o in objects)
     assert [o.id for o in objects] == list(range(1, len(objects) + 1))
     # one tile holding everything is the reference every tiling must agree with
     whole = make_grid(w, h, Affine.identity(), tile_size=max(w, h), overlap=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rasterio
 import shapely
 
 import synth
@@ -186,3 +187,22 @@ def test_an_alpha_band_and_a_nodata_value_both_mask(tmp_path):
     g = synth.pixel_to_crs(shapely.box(0, 0, 10, 10), transform)
     out = ZonalStats(path, bands=(1, 2), stats=("count",))(np.array([g], object))
     assert out["b1_count"][0] == 100 - 4 - 1 and out["b2_count"][0] == 100 - 4
+
+
+def test_a_read_error_is_one_sentence_naming_the_file(tmp_path):
+    # blocks that GDAL cannot decode, met inside exactextract: one sentence, not its error
+    import corpus
+
+    src = corpus.geotiff(tmp_path / "whole.tif", corpus.labels_of(height=128, width=128))
+    bad = corpus.corrupt_tile(src, tmp_path / "bad.tif", tile=1)  # blocks of 64 px: cols 64-128
+    zs = ZonalStats(bad, bands=(1,), stats=("mean",))  # opening reads no block
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    left = synth.pixel_to_crs(shapely.box(2, 2, 30, 30), t)
+    assert zs(np.array([left], dtype=object))["b1_mean"][0] >= 0  # a good block reads
+    right = synth.pixel_to_crs(shapely.box(70, 2, 100, 30), t)
+    with pytest.raises(TerrasamError) as e:
+        zs(np.array([left, right], dtype=object))
+    message = str(e.value)
+    assert message.startswith(f"cannot read {bad} for --stats: ") and message.endswith(".")
+    assert "\n" not in message and "exactextract" not in message.lower(), message

@@ -117,6 +117,53 @@ def test_object_larger_than_many_tiles_is_one_polygon_with_best_scores(canvas_li
     assert len(obj.geometry.exterior.coords) == 5
 
 
+@pytest.mark.parametrize("block", [32, 64, 256])
+def test_large_objects_kept_in_blocks_equal_the_whole_mask(block):
+    """A large object with holes, an object inside one of its holes, and a U whose wide arm is
+    kept in blocks long before its thin arm joins it at the bottom (the thin arm's upper
+    pixels land in blocks closed already: the late-merge path)."""
+    labels = np.zeros((400, 360), np.int32)
+    labels[10:390, 10:200] = 1
+    for y in range(30, 370, 40):
+        for x in range(30, 180, 40):
+            labels[y:y + 20, x:x + 20] = 0  # 9 x 4 holes ...
+    labels[75:85, 75:85] = 2  # ... one holding another object
+    labels[10:390, 300:312] = 3  # the thin arm of the U
+    labels[360:390, 200:300] = 1  # the U's bottom joins the thin arm to object 1
+    labels[10:390, 300:312] = 1
+    h, w = labels.shape
+    tiles = grid(w, h, 96, 24)
+    objects = stitch(((t, records_from_labels(labels, t)) for t in tiles), tiles, w, h,
+                     canvas_limit=60 * 60, block=block)
+    assert len(objects) == 2
+    big = max(objects, key=lambda o: o.geometry.area)
+    small = min(objects, key=lambda o: o.geometry.area)
+    for obj, value in ((big, 1), (small, 2)):
+        assert obj.geometry.is_valid
+        assert shapely.symmetric_difference(obj.geometry, truth(labels, value)).area == 0
+    assert big.geometry.geom_type == "Polygon" and len(big.geometry.interiors) == 36
+    # the seams left no collinear vertices: as few as vectorising the whole mask at once
+    assert shapely.get_num_coordinates(big.geometry) == \
+        shapely.get_num_coordinates(truth(labels, 1))
+    assert big.n_tiles == len({t.index for t in tiles if (labels[
+        t.y0:t.y0 + t.height, t.x0:t.x0 + t.width] == 1).any()})
+
+
+def test_open_objects_are_counted_and_reported_as_they_finish():
+    labels = np.zeros((200, 200), np.int32)
+    labels[10:190, 20:30] = 1
+    labels[150:190, 100:190] = 2
+    tiles = grid(200, 200, 96, 24)
+    stitcher = Stitcher(tiles, 200, 200)
+    for t in tiles[:-1]:
+        stitcher.add_tile(t, records_from_labels(labels, t))
+    assert stitcher.open_objects >= 1
+    seen = []
+    open_now = stitcher.open_objects
+    done = stitcher.finish(on_object=lambda: seen.append(1))
+    assert len(seen) == len(done) == open_now
+
+
 def test_cut_part_inside_neighbours_part_is_absorbed_but_nested_objects_are_not():
     labels = np.zeros((128, 228), np.int32)
     labels[30:70, 105:160] = 1  # cut by tile 0's right edge (x 128), whole in tile 1

@@ -66,6 +66,40 @@ def test_gsd_resamples_the_processing_grid():
     assert g.scale == pytest.approx(2.5) and g.width == 40
 
 
+@pytest.mark.parametrize("gsd", [1.3, 7.7, 100.0, 0.37])
+def test_gsd_grid_spans_the_raster_exactly(gsd):
+    # 128 px of 1 m: 128 / 1.3 = 98.5 processing pixels; the grid has 98, each 128 / 98 m, so
+    # its last pixel ends on the raster's edge (a 99th would reach 0.7 m past it)
+    t = utm_transform(1.0)
+    grid = make_grid(128, 96, t, tile_size=64, overlap=16, gsd=gsd)
+    assert (grid.width, grid.height) == (round(128 / gsd), round(96 / gsd))
+    assert grid.transform @ (grid.width, grid.height) == pytest.approx(t @ (128, 96), abs=1e-9)
+    assert grid.transform.a == pytest.approx(gsd, rel=0.5 / min(grid.width, grid.height))
+    last = grid.tiles[-1]
+    c, r, w, h = last.window
+    assert (c + w, r + h) == pytest.approx((128, 96), abs=1e-9)
+    assert last.transform @ (last.width, last.height) == pytest.approx(t @ (128, 96), abs=1e-9)
+
+
+def test_gsd_must_leave_a_pixel_and_not_split_one_too_finely():
+    from terrasam.checks import check_gsd_grid
+
+    check_gsd_grid(128.0, 128, 300, (1.0, 1.0))  # one pixel across: allowed
+    check_gsd_grid(0.01, 128, 128, (1.0, 1.0))  # 100 x 100: allowed
+    with pytest.raises(TerrasamError) as e:
+        check_gsd_grid(128.5, 128, 300, (1.0, 1.0))
+    assert str(e.value) == ("--gsd 128.5 m leaves less than one pixel: the raster is 128 x "
+                            "300 pixels of 1 m, so --gsd can be at most 128 m.")
+    with pytest.raises(TerrasamError) as e:
+        check_gsd_grid(2e6, 100, 100, (0.25, 4.0))  # 1 m mean pixel
+    assert str(e.value) == ("--gsd 2000000 m leaves less than one pixel: the raster is 100 x "
+                            "100 pixels of 1 m, so --gsd can be at most 100 m.")
+    with pytest.raises(TerrasamError) as e:
+        check_gsd_grid(0.001, 128, 128, (0.3, 0.3))
+    assert str(e.value) == ("--gsd 0.001 m would split each 0.3 m pixel into 300.0 x 300.0 "
+                            "(at most 100 x 100); give at least 0.003 m.")
+
+
 def test_specs_and_grid_pickle():
     grid = make_grid(2000, 2000, utm_transform(), tile_size=1024, overlap=256, gsd=1.0)
     clone = pickle.loads(pickle.dumps(grid))

@@ -10,6 +10,7 @@ import pytest
 import shapely
 from affine import Affine
 
+from corpus import lonlat_box_area
 from terrasam.errors import TerrasamError
 from terrasam.vectorize import (
     clean,
@@ -19,6 +20,7 @@ from terrasam.vectorize import (
     measure,
     parse_area,
     parse_length,
+    raster_footprint,
     to_frame,
 )
 
@@ -230,6 +232,66 @@ def test_measure_web_mercator_is_geodesic():
     lonlat = shapely.transform(geom, lambda xy: np.column_stack(to_lonlat.transform(*xy.T)))
     assert area[0] == pytest.approx(local_equal_area(lonlat)[0], rel=1e-3)
     assert area[0] < 0.3 * geom.area  # planar Mercator area would be ~4x too big
+
+
+@pytest.mark.parametrize("bounds", [
+    (0, 40, 10, 50),  # edges along parallels, not geodesics
+    (-170, 10, 170, 60),  # wider than half the globe: as one geodesic ring it came out small
+    (0, -90, 10, -80),  # down to the pole
+    (175, -2.8, 187.8, 10),  # across the antimeridian (longitudes past 180)
+    (-180, -90, 180, 90),  # the whole ellipsoid
+])
+def test_measure_large_lonlat_rectangles_exactly(bounds):
+    area, _ = measure([shapely.box(*bounds)], "EPSG:4326")
+    assert area[0] == pytest.approx(lonlat_box_area(*bounds), rel=1e-6)
+
+
+def test_a_wide_object_with_a_hole_never_has_a_negative_area():
+    # before: the exterior's edges, over 180 degrees long, were taken the short way round the
+    # globe, and the area came out at -2.2e14 m2
+    outer, hole = (-179, -80, 179, 80), (-100, -70, 100, 70)
+    geom = shapely.Polygon(shapely.box(*outer).exterior.coords,
+                           [shapely.box(*hole).exterior.coords])
+    area, perimeter = measure([geom], "EPSG:4326")
+    assert area[0] == pytest.approx(lonlat_box_area(*outer) - lonlat_box_area(*hole), rel=1e-6)
+    assert perimeter[0] > 0
+    # a ring one hair past the pole ends at the pole instead of giving NaN
+    assert measure([shapely.box(0, -90.0000001, 10, -80)], "EPSG:4326")[0][0] == \
+        pytest.approx(lonlat_box_area(0, -90, 10, -80), rel=1e-6)
+
+
+def test_small_geographic_areas_equal_pyproj_geodesic_areas():
+    geom = mask_to_geometry(ring_mask(), GEO)
+    area, perimeter = measure([geom], "EPSG:4326")
+    geod = pyproj.Geod(ellps="WGS84")
+    assert area[0] == pytest.approx(abs(geod.geometry_area_perimeter(geom)[0]), rel=1e-9)
+    rings = [geom.exterior, *geom.interiors]  # pyproj leaves the holes out of the perimeter
+    assert perimeter[0] == pytest.approx(
+        sum(geod.geometry_area_perimeter(shapely.Polygon(r))[1] for r in rings), rel=1e-9)
+
+
+@pytest.mark.parametrize("transform", [GEO, ROTATED], ids=["north-up", "rotated"])
+def test_clean_cuts_objects_to_the_raster_footprint(transform):
+    # a 40 x 30 raster; the object reaches 5 pixels past its right and bottom edges (a
+    # resampled grid's last pixel does), and smoothing pushes outlines outward as well
+    footprint = raster_footprint(transform, 40, 30)
+    mask = np.zeros((40, 50), bool)
+    mask[10:35, 20:45] = True
+    geom = mask_to_geometry(mask, transform)
+    for options in ({}, {"smooth": "3px"}, {"regularize": True}, {"simplify": 2}):
+        out = clean([geom, None], footprint=footprint, pixel_size=(2.0, 2.0), **options)
+        assert out[1] is None and out[0].is_valid
+        xy = shapely.get_coordinates(out[0])
+        x0, y0, x1, y1 = footprint.bounds
+        if transform is GEO:  # exactly: no coordinate past the raster's bounds
+            assert xy[:, 0].min() >= x0 and xy[:, 0].max() <= x1, options
+            assert xy[:, 1].min() >= y0 and xy[:, 1].max() <= y1, options
+        else:
+            assert footprint.buffer(1e-6).covers(out[0]), options
+        if not options:  # the part inside is kept whole: 20 x 20 pixels
+            assert out[0].area == pytest.approx(20 * 20 * abs(transform.determinant), rel=1e-9)
+    inside = mask_to_geometry(mask[:25, :35], transform)
+    assert clean([inside], footprint=footprint)[0].equals_exact(inside, 0)  # untouched
 
 
 # --------------------------------------------------------------------------- cleaning

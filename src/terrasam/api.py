@@ -80,7 +80,14 @@ def _work_params(run: _Tiled, job) -> dict:
             "nodata": run.reader.nodata, "scale": run.scale, "tile_size": grid.tile_size,
             "overlap": grid.overlap, "gsd": run.gsd, "grid": [grid.width, grid.height],
             "model": a.model_id, "checkpoint": a.checkpoint,
-            "checkpoint_sha256": a.checkpoint_sha256, "dtype": str(a.dtype), **job.describe()}
+            "checkpoint_sha256": a.checkpoint_sha256, "dtype": str(a.dtype), **job.describe(),
+            **_backend_of(a)}
+
+
+def _backend_of(adapter) -> dict:
+    """{"backend": name} for a model not run by torch alone (int8 changes the masks)."""
+    backend = getattr(adapter, "backend", "torch")
+    return {} if backend == "torch" else {"backend": backend}
 
 
 def _guard_workdir(batches, workdir):
@@ -185,6 +192,7 @@ def segment(
     device: str = "auto",
     dtype: str = "auto",
     compile: bool = False,
+    backend: str = "torch",
     engine: Any = "local",
     client: Any = None,
     workdir: PathLike | None = None,
@@ -230,6 +238,8 @@ def segment(
         device: auto, cpu, cuda, cuda:N or mps.
         dtype: auto, float32, bfloat16 or float16.
         compile: torch.compile the model.
+        backend: "torch", "onnx" or "onnx-int8" (the image encoder in ONNX Runtime,
+            exported once per checkpoint into the cache; needs ``terrasam[onnx]``).
         engine: "local" (this process), "dask" (with ``client``, a ``distributed.Client``),
             "dask-local" (a LocalCluster here) or an engine object.
         client: the Dask client of ``engine="dask"``.
@@ -249,7 +259,7 @@ def segment(
 
     Returns the GeoDataFrame written; ``gdf.attrs["terrasam"]`` holds a run summary.
     """
-    from terrasam import io, pipeline
+    from terrasam import io, pipeline, speed
     from terrasam.amg import AmgJob
     from terrasam.models.ref import ModelRef
     from terrasam.objects import ObjectOptions
@@ -260,7 +270,8 @@ def segment(
     check_run(model=model, checkpoint=checkpoint, adapter=adapter, scale=scale,
               tile_size=tile_size, overlap=overlap, gsd=gsd, simplify=simplify,
               min_area=min_area, fill_holes=fill_holes, workdir=workdir,
-              fractions={"merge_iou": merge_iou, "merge_ios": merge_ios})
+              fractions={"merge_iou": merge_iou, "merge_ios": merge_ios},
+              backend=backend, device=device)
     if job is None:
         check_finite(amg_params)
         _amg_params("sam", amg, amg_params)  # its checks, before the model loads
@@ -272,7 +283,7 @@ def segment(
     out, label_out = outs["vector"], outs.get("raster")
     src = raster_source(raster)  # virtual paths and URLs unchanged
     ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
-                           fast=_is_fast(amg, amg_params), adapter=adapter)
+                           fast=_is_fast(amg, amg_params), adapter=adapter, backend=backend)
     with _engine(engine, client) as engine, pipeline.gdal_env(), \
             open_raster(src, bands=bands, nodata=nodata, scale=scale) as reader:
         reader.check_gsd(gsd)
@@ -282,6 +293,8 @@ def segment(
         loaded = ref.load()
         job = job if job is not None else AmgJob(_amg_params(loaded.family, amg, amg_params))
         grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
+        speed_key = speed.key(loaded, (min(grid.tile_size, grid.width),
+                                       min(grid.tile_size, grid.height)), job)
         run = _Tiled(reader, src, grid, tiles, ref, loaded, scale, gsd, None, engine,
                      merge_iou, merge_ios, quiet)
         run.workdir = _open_workdir(Path(workdir) if workdir else
@@ -300,11 +313,12 @@ def segment(
 
         batches = _guard_workdir(pipeline.run_tiled(
             reader, grid, tiles, job, ref, engine=engine, workdir=run.workdir,
-            merge_iou=merge_iou, merge_ios=merge_ios, quiet=quiet, stats=run_stats), run.workdir)
+            merge_iou=merge_iou, merge_ios=merge_ios, quiet=quiet, stats=run_stats,
+            speed_key=speed_key), run.workdir)
         frames = pipeline.frames(batches, grid.transform, reader.crs, columns=columns,
                                  simplify=simplify, min_area=min_area, fill_holes=fill_holes,
-                                 **analysis.clean_options(), finish=finish, stats=run_stats,
-                                 quiet=quiet)
+                                 **analysis.clean_options(), footprint=reader.footprint,
+                                 finish=finish, stats=run_stats, quiet=quiet)
         with io.VectorWriter(out, overwrite=overwrite) as writer:
             kept, schema = _stream(frames, writer, return_frame)
             t0 = time.perf_counter()
@@ -314,7 +328,8 @@ def segment(
                 checkpoint_path=loaded.checkpoint, checkpoint_sha256=loaded.checkpoint_sha256,
                 bands=list(reader.band_indexes), nodata=reader.nodata, scale=scale,
                 tile_size=grid.tile_size, overlap=grid.overlap, gsd=gsd, grid_scale=grid.scale,
-                device=str(loaded.device), dtype=str(loaded.dtype), simplify=simplify,
+                device=str(loaded.device), dtype=str(loaded.dtype), **_backend_of(loaded),
+                simplify=simplify,
                 min_area=min_area, fill_holes=fill_holes, merge_iou=merge_iou,
                 merge_ios=merge_ios, label_raster=str(label_out) if label_out else None,
                 **job.describe(), **analysis.describe(), tiles=len(tiles),
@@ -335,6 +350,9 @@ def segment(
         t_write = time.perf_counter() - t0
     if run.workdir is not None and not keep_workdir:
         run.workdir.remove()
+    timings = run_stats.timings
+    if timings.tiles_run:  # the next run's plan line says how long its tiles will take
+        speed.record(speed_key, timings.model / timings.tiles_run)
     gdf.attrs["terrasam"] = {
         "output": str(out), "label_raster": str(label_out) if label_out else None,
         "preview": str(outs["preview"]) if preview else None,
@@ -374,6 +392,8 @@ def prompt(
     boxes: Any = None,
     text: str | Sequence[str] | None = None,
     *,
+    exemplars: Any = None,
+    negative_exemplars: Any = None,
     crs: Any = None,
     label_field: str | None = None,
     group_field: str | None = None,
@@ -405,6 +425,7 @@ def prompt(
     shape: bool = False,
     where: str | None = None,
     compile: bool = False,
+    backend: str = "torch",
     engine: Any = "local",
     client: Any = None,
     workdir: PathLike | None = None,
@@ -426,10 +447,14 @@ def prompt(
             tuples ``(minx, miny, maxx, maxy[, group])`` in ``crs``.
         text: a concept or a list of them, found over the whole raster (needs SAM 3, the
             default model then), tiled and stitched like ``segment``.
+        exemplars, negative_exemplars: SAM 3 box exemplars (a polygon file, or tuples
+            ``(minx, miny, maxx, maxy)`` in ``crs``): every object like them is found over
+            the whole raster; with one ``text`` they form one concept.
         crs: the CRS of coordinate tuples; default the raster's.
         label_field: the field of a points file holding 1/0.
         group_field: the field of points/boxes files: features sharing it form one prompt.
-        model, checkpoint, adapter, device, dtype, compile: the model, as in ``segment``.
+        model, checkpoint, adapter, device, dtype, compile, backend: the model, as in
+            ``segment``.
         bands, nodata, scale: raster reading, as in ``segment``.
         multimask_all: keep the model's three candidate masks (column ``rank``).
         parts: "all" keeps the whole mask, "prompt" only its parts under a positive point or
@@ -470,19 +495,28 @@ def prompt(
     texts = [t.strip() for t in texts]
     if any(not t for t in texts):
         raise TerrasamError("a text prompt must not be empty.")
-    if points is None and boxes is None and not texts:
-        raise TerrasamError("give point prompts, box prompts or a text prompt.")
+    from terrasam.prompts import exemplars as exemplar_prompts
+
+    has_exemplars = exemplars is not None or negative_exemplars is not None
+    concept = bool(texts) or has_exemplars  # a tiled SAM 3 run
+    if points is None and boxes is None and not concept:
+        raise TerrasamError("give point prompts, box prompts or a text prompt, or exemplars (SAM 3).")
+    if has_exemplars:
+        exemplar_prompts.check_model(model, checkpoint)
+        if len(texts) > 1:
+            raise TerrasamError(f"exemplars form one concept with at most one --text (SAM 3 "
+                                f"takes one concept per prompt), got {len(texts)} texts.")
     if parts not in decode.PARTS:
         raise TerrasamError(f"parts must be one of {', '.join(decode.PARTS)}, got {parts!r}.")
     if not (0.0 <= score_threshold <= 1.0):
         raise TerrasamError(f"the score threshold must be between 0 and 1, got {score_threshold}.")
     if output is None and (preview is not None or map is not None):
         raise TerrasamError("a preview or map needs an output file.")
-    check_run(model=model if model or checkpoint or not texts else "sam3", checkpoint=checkpoint,
+    check_run(model=model if model or checkpoint or not concept else "sam3", checkpoint=checkpoint,
               adapter=adapter, scale=scale, tile_size=tile_size, overlap=overlap, gsd=gsd,
               simplify=simplify, min_area=min_area, fill_holes=fill_holes, workdir=workdir,
               fractions={"--score-threshold": score_threshold,
-                         "--mask-threshold": mask_threshold})
+                         "--mask-threshold": mask_threshold}, backend=backend, device=device)
     analysis = ObjectOptions.build(regularize=regularize, regularize_45=regularize_45,
                                    smooth=smooth, stats=stats, stats_bands=stats_bands,
                                    index=index, shape=shape, where=where)
@@ -491,10 +525,10 @@ def prompt(
     out = outs.get("vector")
     max_downsample = decode.MAX_DOWNSAMPLE if max_downsample is None else max_downsample
     ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype, compile=compile,
-                           text=bool(texts), adapter=adapter)
+                           text=concept, adapter=adapter, backend=backend)
     src = raster_source(raster)  # virtual paths and URLs unchanged
 
-    with _engine(engine if texts else "local", client if texts else None) as engine, \
+    with _engine(engine if concept else "local", client if concept else None) as engine, \
             pipeline.gdal_env(), open_raster(src, bands=bands, nodata=nodata,
                                              scale=scale) as reader:
         reader.check_gsd(gsd)
@@ -509,6 +543,11 @@ def prompt(
             live = windows.clip_prompts(prompts, reader.width, reader.height, report)
             if not live:
                 raise sources.outside_error(prompts, reader)
+        found = exemplar_prompts.collect(exemplars, negative_exemplars, reader=reader, crs=crs,
+                                         warn=warn) if has_exemplars else []
+        if has_exemplars and not texts and not any(e.label == 1 for e in found):
+            raise TerrasamError("negative exemplars need a positive --exemplar or a --text "
+                                "concept to refine.")
         base, text_cols = _PROMPT_COLUMNS
         finish = analysis.finisher(reader, base + (("rank",) if multimask_all else ()),
                                    text_cols, nodata=nodata)  # checked before the model loads
@@ -516,6 +555,9 @@ def prompt(
         if texts and loaded.family != "sam3":
             raise TerrasamError(
                 f"model {loaded.model_id} does not take text prompts; use --model sam3.")
+        if found and loaded.family != "sam3":
+            raise TerrasamError(f"model {loaded.model_id} does not take exemplars; exemplars "
+                                f"are a SAM 3 prompt: use --model sam3.")
         model_id = loaded.model_id
         rows = []
         if live:
@@ -546,7 +588,8 @@ def prompt(
 
         geoms = clean(np.array([r["geometry"] for r in rows], dtype=object), simplify=simplify,
                       min_area=min_area, fill_holes=fill_holes, crs=reader.crs,
-                      pixel_size=reader.res, **analysis.clean_options())
+                      pixel_size=reader.res, **analysis.clean_options(),
+                      footprint=reader.footprint)
         keep = [i for i, g in enumerate(geoms) if g is not None and not g.is_empty]
         first = to_frame(geoms[keep], reader.crs,
                          prompt_columns([rows[i] for i in keep]))
@@ -555,9 +598,18 @@ def prompt(
             first["id"] = np.arange(1, len(first) + 1, dtype=np.int64)
         stream = [first]
         run, run_stats, job = None, None, None
-        if texts:
-            job = TextJob(tuple(texts), score_threshold, mask_threshold)
+        if concept:
             grid, tiles = pipeline.plan_grid(reader, loaded.image_size, tile_size, overlap, gsd)
+            labels, kinds, made, described = list(texts), ["text"] * len(texts), [None] * len(
+                texts), ()
+            if found:
+                made_prompt, described = exemplar_prompts.make_concept(
+                    loaded, reader, found, texts[0] if texts else None,
+                    tile_size=grid.tile_size, scale=px_scale)
+                labels, made = [made_prompt.label], [made_prompt]
+                kinds = ["text+exemplar" if texts else "exemplar"]
+            job = TextJob(tuple(labels), score_threshold, mask_threshold, tuple(made),
+                          described)
             run = _Tiled(reader, src, grid, tiles, ref, loaded, scale, gsd, None, engine,
                          quiet=quiet)
             default_work = out.with_name(out.name + ".terrasam-work") if out else None
@@ -567,7 +619,7 @@ def prompt(
 
             def text_columns(concepts, objects):
                 return prompt_columns([
-                    {"prompt_id": first_id + k, "prompt_type": "text", "prompt": texts[k],
+                    {"prompt_id": first_id + k, "prompt_type": kinds[k], "prompt": labels[k],
                      "prompt_crs": "", "score": float(o.predicted_iou),
                      "predicted_iou": float(o.predicted_iou),
                      # SAM 3 gives mask probabilities, not logits: no stability score
@@ -581,7 +633,7 @@ def prompt(
                 batches, grid.transform, reader.crs, columns=text_columns,
                 first_id=len(first) + 1, simplify=simplify, min_area=min_area,
                 fill_holes=fill_holes, pixel_size=reader.res, **analysis.clean_options(),
-                finish=finish, stats=run_stats))
+                footprint=reader.footprint, finish=finish, stats=run_stats))
         writer = io.VectorWriter(out, overwrite=overwrite) if out is not None else None
         try:
             kept, schema = _stream(stream, writer, True)
@@ -593,12 +645,13 @@ def prompt(
                     checkpoint_sha256=loaded.checkpoint_sha256,
                     bands=list(reader.band_indexes), nodata=reader.nodata, scale=scale,
                     points=sources._source_text(points), boxes=sources._source_text(boxes),
-                    text=texts, crs=None if crs is None else str(crs), label_field=label_field,
+                    text=texts, exemplars=[dict(e) for e in job.exemplars] if job else None,
+                    crs=None if crs is None else str(crs), label_field=label_field,
                     group_field=group_field, multimask_all=multimask_all, parts=parts,
                     score_threshold=score_threshold, mask_threshold=mask_threshold,
                     tile_size=tile_size, overlap=overlap, gsd=gsd, simplify=simplify,
                     min_area=min_area, fill_holes=fill_holes, **analysis.describe(),
-                    device=str(loaded.device), dtype=str(loaded.dtype),
+                    device=str(loaded.device), dtype=str(loaded.dtype), **_backend_of(loaded),
                     skipped=report.to_dict(), objects=len(gdf))
                 writer.close(provenance)
         except BaseException:
@@ -609,7 +662,8 @@ def prompt(
             _pictures(reader, gdf, preview, map, overwrite)
     if run is not None and run.workdir is not None and not keep_workdir:
         run.workdir.remove()
-    summary = {"prompts": len(prompts), "texts": texts, "objects": len(gdf),
+    summary = {"prompts": len(prompts), "texts": texts, "exemplars": len(found),
+               "objects": len(gdf),
                "skipped": report.to_dict(), "output": str(out) if out else None}
     if run is not None:
         summary["text"] = _summary(run_stats, run)

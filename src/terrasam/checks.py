@@ -15,6 +15,7 @@ from terrasam.errors import TerrasamError
 
 SCALES = ("percentile", "minmax", "none")
 MIN_TILE, MAX_TILE = 64, 8192  # below: no context for the model; above: one tile's memory
+MAX_UPSAMPLE = 100  # --gsd splits a pixel into at most this many across (no detail is gained)
 
 
 def _number(value, option: str) -> float:
@@ -63,6 +64,45 @@ def check_tiling(tile_size=None, overlap=None, gsd=None, image_size: int | None 
     if gsd is not None and not _number(gsd, "--gsd") > 0:
         raise TerrasamError(f"--gsd must be a positive ground sample distance in metres, "
                             f"got {gsd!r}.")
+
+
+def check_gsd_grid(gsd, width: int, height: int, ground_res) -> None:
+    """--gsd must leave the raster at least one processing pixel across and split a pixel
+    into at most :data:`MAX_UPSAMPLE` x :data:`MAX_UPSAMPLE`.
+
+    ``ground_res``: the raster's pixel size (x, y) in metres (``RasterReader.ground_res``),
+    from which the processing grid is made (:func:`terrasam.tiling.grid_scale`).
+    """
+    import numpy as np
+
+    if gsd is None:
+        return
+    gsd = _number(gsd, "--gsd")
+    res = math.sqrt(float(ground_res[0]) * float(ground_res[1]))
+    if not res > 0:
+        return
+    scale = gsd / res  # source pixels per processing pixel, as tiling.grid_scale
+    given = np.format_float_positional(gsd, trim="-")  # as typed, without an exponent
+    if min(width, height) / scale < 1:
+        most = min(width, height) * res
+        raise TerrasamError(
+            f"--gsd {given} m leaves less than one pixel: the raster is {width} x {height} "
+            f"pixels of {_metres(res)}, so --gsd can be at most {_metres(most, math.floor)}.")
+    if 1 / scale > MAX_UPSAMPLE:
+        split = f"{1 / scale:,.{1 if 1 / scale < 1000 else 0}f}"
+        raise TerrasamError(
+            f"--gsd {given} m would split each {_metres(res)} pixel into {split} x "
+            f"{split} (at most {MAX_UPSAMPLE} x {MAX_UPSAMPLE}); give at least "
+            f"{_metres(res / MAX_UPSAMPLE, math.ceil)}.")
+
+
+def _metres(value: float, rounding=round) -> str:
+    """A length in words with 3 significant digits: ``1.01 m``, ``0.0101 m``, ``28,196 km``;
+    ``rounding`` (math.floor, math.ceil) says which way the last digit goes."""
+    unit, value = ("km", value / 1000) if value >= 1000 else ("m", value)
+    digits = max(0, 2 - math.floor(math.log10(value))) if value > 0 else 0
+    text = f"{rounding(value * 10**digits) / 10**digits:,.{digits}f}"
+    return f"{text.rstrip('0').rstrip('.') if '.' in text else text} {unit}"
 
 
 def check_nodata(nodata, dtype: str) -> None:
@@ -131,6 +171,16 @@ def check_model(model=None, checkpoint=None) -> int | None:
     return spec.image_size if spec is not None and checkpoint is None else None
 
 
+def check_backend(backend="torch", device="auto", model=None) -> None:
+    """--backend: torch, or onnx / onnx-int8 with onnxruntime installed, on a device it runs
+    on, for a family it exports (not SAM 3)."""
+    if backend == "torch":
+        return
+    from terrasam.models.onnx_backend import check_backend as check
+
+    check(backend, device, model)
+
+
 def check_workdir(workdir) -> None:
     """--workdir: not a file, and creatable (its nearest existing folder is writable)."""
     if workdir is None:
@@ -147,12 +197,15 @@ def check_workdir(workdir) -> None:
 
 def check_run(*, model=None, checkpoint=None, adapter=None, scale="percentile",
               tile_size=None, overlap=None, gsd=None, simplify=None, min_area=None,
-              fill_holes=None, workdir=None, fractions: dict | None = None) -> None:
+              fill_holes=None, workdir=None, fractions: dict | None = None,
+              backend="torch", device="auto") -> None:
     """Every check of a run's arguments that needs neither the raster nor the model.
 
     ``fractions``: ``{option name: value}`` that must lie in [0, 1].
     """
     check_scale(scale)
+    if adapter is None:
+        check_backend(backend, device, model)
     image_size = (int(adapter.image_size) if adapter is not None
                   else check_model(model, checkpoint))
     check_tiling(tile_size, overlap, gsd, image_size)

@@ -208,7 +208,23 @@ def temp_name(out: Path, suffix: str | None = None) -> Path:
     leftovers of a killed one (:func:`remove_stale_temporaries`).
     """
     suffix = out.suffix if suffix is None else suffix
-    return out.with_name(f".{out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    _ISSUED.add(tmp)
+    return tmp
+
+
+_ISSUED: set[Path] = set()  # every temporary name handed out by this process
+
+
+def remove_own_temporaries() -> None:
+    """Remove whatever of this process's temporaries still exists (a forced exit's cleanup:
+    a renamed temporary no longer exists under its name, so finished outputs are kept)."""
+    for folder in {p.parent for p in list(_ISSUED)}:
+        # the issued names and what grew beside them (SQLite journals of a staged GeoPackage)
+        with contextlib.suppress(OSError):
+            for p in folder.glob(f".*.tmp-{os.getpid()}-*"):
+                with contextlib.suppress(OSError):
+                    _remove(p)
 
 
 def _alive(pid: int) -> bool:

@@ -73,15 +73,20 @@ class RunStats:
 
 def run_tiled(reader, grid, tiles, job, model, *, engine="local", workdir=None,
               merge_iou: float = 0.5, merge_ios: float = 0.8, quiet: bool = False,
-              stats: RunStats | None = None) -> Iterator[tuple[int, list]]:
+              stats: RunStats | None = None,
+              speed_key: str | None = None) -> Iterator[tuple[int, list]]:
     """Run ``job`` over ``tiles`` on ``engine`` and stitch the results.
+
+    ``speed_key`` (:func:`terrasam.speed.key`): with a record of earlier runs on this
+    machine, the plan line says how long the tiles will take.
 
     Yields ``(concept index, [StitchedObject])`` as objects are finished, in an order fixed by
     the tiles alone (the same for every engine, and after a resume).
     """
+    from terrasam import speed
     from terrasam.engines import get_engine
     from terrasam.engines.local import Timings
-    from terrasam.progress import Progress, note
+    from terrasam.progress import Progress, about, note
     from terrasam.stitch import Stitcher
 
     stats = stats if stats is not None else RunStats()
@@ -93,12 +98,22 @@ def run_tiled(reader, grid, tiles, job, model, *, engine="local", workdir=None,
     resumed = sum(workdir.has(t) for t in tiles) if workdir is not None else 0
     n_grid = len(grid.tiles)
     tw, th = min(grid.tile_size, grid.width), min(grid.tile_size, grid.height)
+    todo = len(tiles) - resumed
+    known = speed.lookup(speed_key) if speed_key is not None and todo > 0 else None
+    if todo <= 0:
+        when = ""
+    elif known is not None:
+        when = f"; {about(known * todo)} for {todo} tile{'s' * (todo != 1)} (earlier runs here)"
+    else:
+        # the local engine sees the first tile's batches of prompts (progress.report), so
+        # its estimate comes within that tile; tiles run elsewhere (Dask) report only ends
+        where = "within" if getattr(runner, "name", "") == "local" else "after"
+        when = f"; time estimate {where} the first tile"
     note(f"{n_grid} tile{'s' * (n_grid != 1)} ({len(tiles)} with data) of {tw}x{th} px "
          f"over {grid.width}x{grid.height} px"
-         + (f", {resumed} done before" if resumed else "")
-         + ("; time estimate after the first tile" if resumed < len(tiles) else ""),
-         quiet=quiet)
-    with Progress(len(tiles), "tiles", quiet=quiet, initial=resumed) as progress:
+         + (f", {resumed} done before" if resumed else "") + when, quiet=quiet)
+    with Progress(len(tiles), "tiles", quiet=quiet, initial=resumed,
+                  estimate=known is None) as progress:
         for tile, records in runner.run(tiles, reader, job, model, workdir=workdir,
                                         progress=progress, timings=stats.timings):
             t0 = time.perf_counter()
@@ -110,13 +125,17 @@ def run_tiled(reader, grid, tiles, job, model, *, engine="local", workdir=None,
             for k, objects in done:
                 if objects:
                     yield k, objects
-    note("stitching the objects still open", quiet=quiet)
-    for k, s in enumerate(stitchers):
-        t0 = time.perf_counter()
-        objects = s.finish()
-        stats.stitch_s += time.perf_counter() - t0
-        if objects:
-            yield k, objects
+    still_open = sum(s.open_objects for s in stitchers)
+    if still_open:
+        note(f"stitching the objects still open ({still_open})", quiet=quiet)
+    with Progress(still_open, "objects", quiet=quiet or not still_open,
+                  estimate=False) as progress:
+        for k, s in enumerate(stitchers):
+            t0 = time.perf_counter()
+            objects = s.finish(on_object=lambda: progress.update(1))
+            stats.stitch_s += time.perf_counter() - t0
+            if objects:
+                yield k, objects
     stats.peak_held_pixels = max((s.peak_held_pixels for s in stitchers), default=0)
 
 
@@ -128,7 +147,7 @@ def _position(o) -> tuple:
 def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
            columns: Callable[[np.ndarray, list], dict], number: bool = True, first_id: int = 1,
            simplify=None, min_area=None, fill_holes=None, pixel_size=None,
-           regularize=None, regularize_45: bool = False, smooth=None,
+           regularize=None, regularize_45: bool = False, smooth=None, footprint=None,
            finish: Callable | None = None,
            batch_objects: int | None = None, stats: RunStats | None = None,
            quiet: bool = True):
@@ -142,7 +161,9 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
     ``first_id, first_id + 1, ...`` in output order (objects of a batch sorted by their
     top-left corner). ``pixel_size`` (map units) gives plain-number cleaning options their
     unit; default: the pixel size of ``transform``. ``regularize``, ``regularize_45`` and
-    ``smooth`` go to :func:`terrasam.vectorize.clean`. ``finish(frame) -> frame`` runs on
+    ``smooth`` go to :func:`terrasam.vectorize.clean`, and so does ``footprint``, the raster's
+    outline in ``crs``: objects are cut to it (smoothing or regularizing can push an outline
+    past the raster's edge). ``finish(frame) -> frame`` runs on
     each batch after it is measured and before it is numbered (added columns, dropped rows:
     the kept objects are numbered without gaps). At least one (possibly empty) frame is
     yielded, so that the columns are always known. Unless ``quiet``, each batch prints a
@@ -167,7 +188,7 @@ def frames(batches: Iterable[tuple[int, list]], transform, crs, *,
         geoms = pixels_to_crs(np.array([o.geometry for _, o in items], dtype=object), transform)
         geoms = clean(geoms, simplify=simplify, min_area=min_area, fill_holes=fill_holes,
                       crs=crs, pixel_size=pixel_size, regularize=regularize,
-                      regularize_45=regularize_45, smooth=smooth)
+                      regularize_45=regularize_45, smooth=smooth, footprint=footprint)
         keep = np.flatnonzero(~(shapely.is_missing(geoms) | shapely.is_empty(geoms)))
         kept = [items[i] for i in keep]
         attrs = columns(np.array([k for k, _ in kept], dtype=np.int64), [o for _, o in kept])

@@ -565,7 +565,10 @@ class RasterReader:
 
     # -- description ---------------------------------------------------------------------
     def check_gsd(self, gsd) -> None:
-        """Refuse a ``--gsd`` that has no meaning here: a raster without a CRS has no metres."""
+        """Refuse a ``--gsd`` that has no meaning here: a raster without a CRS has no metres,
+        and a grid must keep at least one pixel (:func:`terrasam.checks.check_gsd_grid`)."""
+        from terrasam.checks import check_gsd_grid
+
         if gsd is None:
             return
         if self.crs is None:
@@ -573,6 +576,14 @@ class RasterReader:
                 f"--gsd is in metres, but {Path(self.path).name} has no CRS, so its pixels have "
                 "no ground size; leave out --gsd (or give the raster a CRS)."
             )
+        check_gsd_grid(gsd, self.width, self.height, self.ground_res)
+
+    @property
+    def footprint(self):
+        """The raster's outline in its CRS (a shapely polygon; a parallelogram when rotated)."""
+        from terrasam.vectorize import raster_footprint
+
+        return raster_footprint(self.transform, self.width, self.height)
 
     @property
     def ground_res(self) -> tuple[float, float]:

@@ -172,6 +172,7 @@ class ZonalStats:
             needed |= {_band_of(n) for n in expr.names}
         self._read = sorted(needed)
         self._ds = None
+        self._error = None  # a read error met inside exactextract
         self._cache_key = None
         self._cache: dict = {}
 
@@ -185,16 +186,24 @@ class ZonalStats:
         key = (x0, y0, nx, ny)
         if key == self._cache_key:
             return self._cache
-        from rasterio.errors import NodataShadowWarning
+        from rasterio.errors import NodataShadowWarning, RasterioError
         from rasterio.windows import Window
 
-        with warnings.catch_warnings():
-            # a nodata value and an alpha band: both count (the alpha band below)
-            warnings.simplefilter("ignore", NodataShadowWarning)
-            data = self._ds.read(self._read, window=Window(x0, y0, nx, ny), masked=True)
-        transparent = None
-        if self._alpha is not None:
-            transparent = self._ds.read(self._alpha, window=Window(x0, y0, nx, ny)) == 0
+        from terrasam.raster import _reason
+
+        try:
+            with warnings.catch_warnings():
+                # a nodata value and an alpha band: both count (the alpha band below)
+                warnings.simplefilter("ignore", NodataShadowWarning)
+                data = self._ds.read(self._read, window=Window(x0, y0, nx, ny), masked=True)
+            transparent = None
+            if self._alpha is not None:
+                transparent = self._ds.read(self._alpha, window=Window(x0, y0, nx, ny)) == 0
+        except RasterioError as exc:
+            # raised again by __call__: exactextract would wrap it in its own error
+            self._error = TerrasamError(f"cannot read {self.path} for --stats: "
+                                        f"{_reason(exc)}.")
+            raise self._error from None
         values: dict = {}
         for i, b in enumerate(self._read):
             band = data[i]
@@ -236,10 +245,15 @@ class ZonalStats:
         ops = [Operation(STATISTICS[s], f"{name}_{s}", src)
                for name, src in sources.items() for s in self.stats]
         writer = _Collector(out, present)
+        self._error = None
         with opened(self.path) as self._ds:
             try:
                 exact_extract(list(sources.values()), _Features(pixel), ops, output=writer,
                               include_cols=["i"], max_cells_in_memory=self.max_cells)
+            except Exception:
+                if self._error is not None:  # a read error, as one sentence
+                    raise self._error from None
+                raise
             finally:
                 self._ds, self._cache_key, self._cache = None, None, {}
         return out

@@ -8,9 +8,11 @@ inner tile edge and lies (almost) inside the other; those pairs are joined with 
 Memory stays flat: tiles are added in row-major order, each tile keeps only the part of its
 masks that a later tile still overlaps, and an object whose parts can no longer meet anything
 is finished at once: its parts (kept as packed bits) are painted on one canvas and vectorised
-once. An object that grows past ``canvas_limit`` pixels is vectorised tile by tile as it grows
-and its pieces unioned exactly on their integer pixel edges, so no mask of the whole raster, or
-of a whole large object, ever exists.
+once. An object that grows past ``canvas_limit`` pixels is kept on a fixed grid of
+``BLOCK``-pixel blocks instead: each block is vectorised as soon as no later tile can add to
+it, and the disjoint block pieces are joined at the end by :func:`terrasam.vectorize.join_blocks`
+(near-linear in the pieces, no single long GEOS call), so no mask of the whole raster, or of a
+whole large object, ever exists.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import numpy as np
 import shapely
 from affine import Affine
 
-from terrasam.vectorize import mask_to_geometry
+from terrasam.vectorize import join_blocks, mask_to_geometry
+
+BLOCK = 1024  # the block grid of large objects (processing pixels, from the grid's origin)
 
 
 @dataclass
@@ -59,7 +63,9 @@ class _Group:
     stability_score: float
     tiles: set
     bbox: list  # [x0, y0, x1, y1] of the pending parts
-    geoms: list = field(default_factory=list)  # pieces already vectorised (large objects)
+    # large objects: parts clipped to the open blocks, and the vectorised closed blocks
+    blocks: dict | None = None  # (bx, by) -> [(x0, y0, h, w, packed bits, 0)]
+    pieces: dict | None = None  # (bx, by) -> (Multi)Polygon of the block
     n_parts: int = 1
     live: int = 1
 
@@ -101,11 +107,13 @@ class Stitcher:
     y0 then x0, as ``tiling`` makes them). width/height: the processing grid, so that a tile edge
     on the raster's edge is not taken for a cut. merge_iou: IoU in the shared region above which
     two parts are one object. merge_ios: intersection over the smaller part (in the shared region)
-    above which a part cut by an inner tile edge is absorbed into the other.
+    above which a part cut by an inner tile edge is absorbed into the other. canvas_limit:
+    pixels of an object's box above which it is kept in blocks of ``block`` pixels.
     """
 
     def __init__(self, tiles: Sequence, width: int, height: int, *, merge_iou: float = 0.5,
-                 merge_ios: float = 0.8, connectivity: int = 8, canvas_limit: int = 4096**2):
+                 merge_ios: float = 0.8, connectivity: int = 8, canvas_limit: int = 4096**2,
+                 block: int = BLOCK):
         self.tiles = list(tiles)
         keys = [(t.y0, t.x0) for t in self.tiles]
         if keys != sorted(keys):
@@ -114,8 +122,12 @@ class Stitcher:
         self.merge_iou, self.merge_ios = merge_iou, merge_ios
         self.connectivity = connectivity
         self.canvas_limit = canvas_limit
+        self.block = int(block)
         self._pos = {t.index: i for i, t in enumerate(self.tiles)}
         self._later = self._later_overlaps()
+        self._block_last = self._last_tile_of_blocks()
+        self._closed_upto = -1  # tiles up to this position are added and matched
+        self._large: set[int] = set()  # roots of the groups kept in blocks
         self._next = 0
         self._held: list[_Held] = []
         self._parent: list[int] = []
@@ -138,6 +150,15 @@ class Stitcher:
             later.append(out)
         return later
 
+    def _last_tile_of_blocks(self) -> np.ndarray:
+        """For each block of the block grid, the position of the last tile that overlaps it."""
+        b = self.block
+        last = np.full((-(-self.height // b), -(-self.width // b)), -1, np.int64)
+        for pos, t in enumerate(self.tiles):
+            x0, y0, x1, y1 = _rect(t)
+            last[y0 // b:-(-y1 // b), x0 // b:-(-x1 // b)] = pos
+        return last
+
     # union-find over part ids; the root carries the group
     def _find(self, a: int) -> int:
         while self._parent[a] != a:
@@ -153,27 +174,66 @@ class Stitcher:
             ra, rb = rb, ra
         ga, gb = self._groups[ra], self._groups.pop(rb)
         self._parent[rb] = ra
-        ga.pending.extend(gb.pending)
-        ga.geoms.extend(gb.geoms)
-        ga.bbox = [min(ga.bbox[0], gb.bbox[0]), min(ga.bbox[1], gb.bbox[1]),
-                   max(ga.bbox[2], gb.bbox[2]), max(ga.bbox[3], gb.bbox[3])]
+        self._large.discard(rb)
         ga.predicted_iou = max(ga.predicted_iou, gb.predicted_iou)
         ga.stability_score = max(ga.stability_score, gb.stability_score)
         ga.tiles |= gb.tiles
         ga.n_parts += gb.n_parts
         ga.live += gb.live
-        if (ga.bbox[2] - ga.bbox[0]) * (ga.bbox[3] - ga.bbox[1]) > self.canvas_limit:
-            self._compact(ga)
+        if ga.blocks is None and gb.blocks is None:
+            ga.pending.extend(gb.pending)
+            ga.bbox = [min(ga.bbox[0], gb.bbox[0]), min(ga.bbox[1], gb.bbox[1]),
+                       max(ga.bbox[2], gb.bbox[2]), max(ga.bbox[3], gb.bbox[3])]
+            if (ga.bbox[2] - ga.bbox[0]) * (ga.bbox[3] - ga.bbox[1]) > self.canvas_limit:
+                self._make_large(ra, ga)
+            return
+        if ga.blocks is None:
+            self._make_large(ra, ga)
+        if gb.blocks is None:
+            self._distribute(ga, gb.pending)
+            return
+        for key, items in gb.blocks.items():  # open blocks are open for every group
+            ga.blocks.setdefault(key, []).extend(items)
+        for key, geom in gb.pieces.items():
+            ga.pieces[key] = _join_piece(ga.pieces.get(key), geom)
 
-    def _compact(self, group: _Group) -> None:
-        """Vectorise a large object's pending parts tile by tile (bounded canvases)."""
-        by_tile: dict[int, list] = {}
-        for item in group.pending:
-            by_tile.setdefault(item[5], []).append(item)
-        for items in by_tile.values():
-            group.geoms.append(_paint(items, self.connectivity))
-        group.pending = []
-        group.bbox = [np.inf, np.inf, -np.inf, -np.inf]
+    def _make_large(self, root: int, group: _Group) -> None:
+        """Keep a group that outgrew the canvas in blocks from now on."""
+        group.blocks, group.pieces = {}, {}
+        items, group.pending = group.pending, []
+        group.bbox = [0, 0, 0, 0]
+        self._large.add(root)
+        self._distribute(group, items)
+
+    def _distribute(self, group: _Group, items: list) -> None:
+        """Clip parts to the blocks they cover; what lands in a closed block is joined at once
+        (a rare late merge: the block's piece is unioned with the new pixels)."""
+        late: dict = {}
+        for gx, gy, h, w, bits, _ in items:
+            mask = np.unpackbits(bits, count=h * w).reshape(h, w).view(bool)
+            b = self.block
+            for by in range(gy // b, (gy + h - 1) // b + 1):
+                for bx in range(gx // b, (gx + w - 1) // b + 1):
+                    x0, y0 = max(gx, bx * b), max(gy, by * b)
+                    x1, y1 = min(gx + w, (bx + 1) * b), min(gy + h, (by + 1) * b)
+                    sub = mask[y0 - gy:y1 - gy, x0 - gx:x1 - gx]
+                    if not sub.any():
+                        continue
+                    item = (x0, y0, y1 - y0, x1 - x0, np.packbits(sub), 0)
+                    closed = self._block_last[by, bx] <= self._closed_upto
+                    (late if closed else group.blocks).setdefault((bx, by), []).append(item)
+        for key, block_items in late.items():
+            group.pieces[key] = _join_piece(group.pieces.get(key),
+                                            _paint(block_items, self.connectivity))
+
+    def _close_blocks(self) -> None:
+        """Vectorise the blocks of large objects that no later tile overlaps."""
+        for root in self._large:
+            group = self._groups[root]
+            for key in [k for k in group.blocks
+                        if self._block_last[k[1], k[0]] <= self._closed_upto]:
+                group.pieces[key] = _join_piece(group.pieces.get(key),
+                                                _paint(group.blocks.pop(key), self.connectivity))
 
     def add_tile(self, tile, records: Iterable) -> list[StitchedObject]:
         """Add one tile's mask records; returns the objects that are now final."""
@@ -213,6 +273,8 @@ class Stitcher:
                 self._match(new, held.parts, shared)
 
         self._held.append(_Held(pos, rect, new))
+        self._closed_upto = pos
+        self._close_blocks()
         self._shrink(pos)
         done, self._done = self._done, []
         return done
@@ -294,29 +356,35 @@ class Stitcher:
         group.live -= 1
         if group.live == 0:
             del self._groups[root]
+            self._large.discard(root)
             self._done.append(self._finish(group))
 
     def _finish(self, group: _Group) -> StitchedObject:
-        geoms = list(group.geoms)
-        if group.pending:
-            geoms.append(_paint(group.pending, self.connectivity))
-        if len(geoms) == 1:
-            geom = geoms[0]
+        if group.blocks is None:
+            geom = _paint(group.pending, self.connectivity)
         else:
-            # pieces share exact integer pixel edges, so the union is exact; no collinear seam
-            # vertices (tolerance 0 only drops those: the topology-preserving variant is
-            # quadratic in the rings, tens of seconds for an object with thousands of holes)
-            geom = shapely.simplify(shapely.union_all(geoms), 0.0, preserve_topology=False)
-            if not geom.is_valid:
-                geom = shapely.make_valid(geom)
+            for key in list(group.blocks):
+                group.pieces[key] = _join_piece(group.pieces.get(key),
+                                                _paint(group.blocks.pop(key), self.connectivity))
+            geom = join_blocks(group.pieces, self.block)
         return StitchedObject(geom, group.predicted_iou, group.stability_score,
                               len(group.tiles), group.n_parts)
 
-    def finish(self) -> list[StitchedObject]:
-        """Close every tile still held (also when some tiles were never added)."""
+    @property
+    def open_objects(self) -> int:
+        """Objects that some tile still held can extend (finished by :meth:`finish`)."""
+        return len(self._groups)
+
+    def finish(self, on_object=None) -> list[StitchedObject]:
+        """Close every tile still held (also when some tiles were never added).
+
+        ``on_object()`` is called as each object still open is finished (progress)."""
         for held in self._held:
             for p in held.parts:
+                n = len(self._done)
                 self._release(p.uid)
+                if on_object is not None and len(self._done) > n:
+                    on_object()
         self._held = []
         done, self._done = self._done, []
         return done
@@ -333,6 +401,13 @@ def _paint(items: list, connectivity: int):
         canvas[py - y0:py - y0 + h, px - x0:px - x0 + w] |= (
             np.unpackbits(bits, count=h * w).reshape(h, w).view(bool))
     return mask_to_geometry(canvas, Affine.translation(x0, y0), connectivity)
+
+
+def _join_piece(a, b):
+    """Two pieces of one block as one (exact: integer pixel edges)."""
+    if a is None:
+        return b
+    return shapely.simplify(shapely.union(a, b), 0.0, preserve_topology=False)
 
 
 def assign_ids(objects: list[StitchedObject]) -> list[StitchedObject]:

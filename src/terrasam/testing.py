@@ -95,6 +95,8 @@ def random_checkpoint(model_id: str, path, size: str = "tiny", format: str = "hf
     if format not in ("hf", "meta"):
         raise ValueError(f"format must be 'hf' or 'meta', not {format!r}")
     module = family_module(spec.family)
+    if format == "hf" and hasattr(module, "save_random_hf"):  # SAM 3: detector + tracker
+        return module.save_random_hf(path, size, seed, prompt_sensitive)
     model = random_model(model_id, size, seed, prompt_sensitive)
     path = Path(path)
     if format == "hf":

@@ -1,7 +1,7 @@
 """The processing grid, its tiles, and the tile-job contract.
 
 The processing grid is the source pixel grid resampled by ``scale`` (gsd / source pixel size;
-1.0 without --gsd). Tiles are ``tile_size`` square (smaller only when the grid is smaller),
+1.0 without --gsd), adjusted per axis so that a whole number of its pixels spans the raster. Tiles are ``tile_size`` square (smaller only when the grid is smaller),
 step ``tile_size - overlap``, the last tile flush with the grid edge.
 
 A *tile job* is a small picklable value that says what to compute on one tile and nothing
@@ -288,7 +288,8 @@ def make_grid(width, height, transform, tile_size=1024, overlap=256, gsd=None,
               res=None) -> TileGrid:
     """Tile a width x height source raster; with ``gsd`` the grid is resampled.
 
-    ``res``: as in :func:`grid_scale`.
+    ``res``: as in :func:`grid_scale`. The grid's ``scale`` is that of the gsd; its pixels
+    (``transform``) are adjusted to it per axis, so that the grid covers the raster exactly.
     """
     tile_size, overlap = int(tile_size), int(overlap)
     if tile_size < 1:
@@ -299,17 +300,21 @@ def make_grid(width, height, transform, tile_size=1024, overlap=256, gsd=None,
             f"got {overlap}."
         )
     scale = grid_scale(transform, gsd, res)
-    pw = max(1, math.ceil(width / scale - 1e-9))
-    ph = max(1, math.ceil(height / scale - 1e-9))
-    grid_transform = transform @ Affine.scale(scale) if scale != 1.0 else transform
+    # a whole number of processing pixels spans the raster exactly, so that no pixel reaches
+    # past its edge (objects would overrun it) nor stops short of it: each axis's pixel is the
+    # gsd to within half a pixel over the raster's width (height)
+    pw = max(1, round(width / scale))
+    ph = max(1, round(height / scale))
+    sx, sy = (width / pw, height / ph) if scale != 1.0 else (1.0, 1.0)
+    grid_transform = transform @ Affine.scale(sx, sy) if (sx, sy) != (1.0, 1.0) else transform
     step = tile_size - overlap
     tiles = []
     for row, y0 in enumerate(_starts(ph, tile_size, step)):
         th = min(tile_size, ph)
         for col, x0 in enumerate(_starts(pw, tile_size, step)):
             tw = min(tile_size, pw)
-            window = (x0 * scale, y0 * scale, tw * scale, th * scale)
-            if scale == 1.0:
+            window = (x0 * sx, y0 * sy, tw * sx, th * sy)
+            if (sx, sy) == (1.0, 1.0):
                 window = tuple(int(v) for v in window)
             tiles.append(TileSpec(index=len(tiles), row=row, col=col, x0=x0, y0=y0,
                                   width=tw, height=th, window=window,

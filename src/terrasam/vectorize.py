@@ -255,6 +255,39 @@ def pixels_to_crs(geoms, transform: Affine) -> np.ndarray:
     return shapely.transform(_as_array(geoms), forward)
 
 
+def raster_footprint(transform: Affine, width: int, height: int):
+    """The outline of a ``width`` x ``height`` raster in its CRS (a parallelogram for rotated
+    transforms), its corners computed as rasterio computes the raster's bounds."""
+    corners = [transform @ (c, r) for c, r in ((0, 0), (width, 0), (width, height), (0, height))]
+    return shapely.orient_polygons(shapely.Polygon(corners))
+
+
+def clip_to_footprint(geoms, footprint) -> np.ndarray:
+    """Geometries cut to ``footprint`` (a polygon in their CRS; None: unchanged).
+
+    Only geometries that reach past it are touched; what is left of them is valid and
+    polygonal (None where nothing is). Smoothing and regularizing can push an outline past
+    the raster's edge, a point prompt's window read at ``--gsd`` can reach past it, and a
+    resampled grid's corner can land a rounding error outside.
+    """
+    geoms = _as_array(geoms)
+    if footprint is None or not len(geoms):
+        return geoms
+    present = np.flatnonzero(~shapely.is_missing(geoms))
+    items = geoms[present]
+    fx0, fy0, fx1, fy1 = footprint.bounds
+    b = shapely.bounds(items)
+    past = (b[:, 0] < fx0) | (b[:, 1] < fy0) | (b[:, 2] > fx1) | (b[:, 3] > fy1)
+    if not bool(shapely.equals(footprint, shapely.box(fx0, fy0, fx1, fy1))):
+        shapely.prepare(footprint)
+        past |= ~shapely.covers(footprint, items)  # a rotated raster: its corners are empty
+    idx = present[past]
+    if len(idx):
+        geoms = geoms.copy()
+        geoms[idx] = _make_valid(shapely.intersection(geoms[idx], footprint))
+    return geoms
+
+
 def mask_to_geometry(mask, transform: Affine, connectivity: int = 8):
     """One valid (Multi)Polygon tracing the pixel edges of a boolean mask; None when empty."""
     mask = _check_2d(mask, "mask").astype(bool, copy=False)
@@ -281,6 +314,108 @@ def mask_to_polygons(mask, transform: Affine, connectivity: int = 8) -> np.ndarr
     sub, sub_transform = cropped
     polys, _ = _shapes(sub.view(np.uint8), sub, sub_transform, connectivity)
     return _make_valid(polys)
+
+
+def join_blocks(pieces: dict, block: int):
+    """One (Multi)Polygon from the pieces of a mask vectorised block by block.
+
+    ``pieces``: ``{(bx, by): geometry}``, each the :func:`mask_to_geometry` of the mask's pixels
+    in block ``[bx*block, (bx+1)*block) x [by*block, (by+1)*block)`` (pixel coordinates, the
+    blocks disjoint). The result covers the same pixels as vectorising the whole mask at once.
+
+    A single union of all pieces re-processes every ring at each level of GEOS's cascade, and
+    an object with tens of thousands of holes then costs more per block the larger it grows.
+    Here blocks are joined four at a time up a quadtree, and before each step every ring that
+    lies strictly inside its block (a hole or a part that nothing outside the block can touch)
+    is set aside, so each step sees only what touches its block's edges: the work is close to
+    linear in the pieces, and no single GEOS call grows with the whole object. Set-aside holes
+    go back to the polygon holding them at the end.
+    """
+    free: list = []  # parts that nothing outside their block touches: final as they are
+    holes: list = []  # rings set aside, per polygon they were taken from ...
+    seeds: list = []  # ... and a point inside that polygon's pixels, to find its final owner
+    level: dict = {}
+    for (bx, by), geom in sorted(pieces.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if geom is not None and not geom.is_empty:
+            rect = (bx * block, by * block, (bx + 1) * block, (by + 1) * block)
+            level[(bx, by)] = _set_aside(shapely.get_parts(geom), rect, free, holes, seeds)
+    size = block
+    while len(level) > 1:
+        size *= 2
+        parents: dict = {}
+        for (bx, by), polys in level.items():
+            parents.setdefault((bx // 2, by // 2), []).extend(polys)
+        level = {}
+        for (px, py), polys in parents.items():
+            if len(polys) > 1:
+                # pieces share exact integer pixel edges, so the union is exact; simplify at
+                # tolerance 0 drops the collinear vertices left on the seams
+                union = shapely.simplify(shapely.union_all(polys), 0.0, preserve_topology=False)
+                polys = list(shapely.get_parts(union))
+            rect = (px * size, py * size, (px + 1) * size, (py + 1) * size)
+            level[(px, py)] = _set_aside(polys, rect, free, holes, seeds)
+    out = free + [p for polys in level.values() for p in polys]
+    if not out:
+        return None
+    if holes:
+        out = _restore_holes(out, holes, seeds)
+    return out[0] if len(out) == 1 else shapely.multipolygons(out)
+
+
+def _inside(bounds, rect) -> np.ndarray:
+    bounds = np.atleast_2d(bounds)
+    return ((bounds[:, 0] > rect[0]) & (bounds[:, 1] > rect[1])
+            & (bounds[:, 2] < rect[2]) & (bounds[:, 3] < rect[3]))
+
+
+def _set_aside(polys, rect, free: list, holes: list, seeds: list) -> list:
+    """The polygons that touch ``rect``'s edges, without their holes strictly inside it; the
+    others go to ``free``, the holes to ``holes`` (with a seed point of their polygon)."""
+    polys = np.asarray(polys, dtype=object)
+    if not len(polys):
+        return []
+    inside = _inside(shapely.bounds(polys), rect)
+    free.extend(polys[inside])
+    kept = []
+    for p in polys[~inside]:
+        n = shapely.get_num_interior_rings(p)
+        if n:
+            rings = shapely.get_interior_ring(p, np.arange(n))
+            inner = _inside(shapely.bounds(rings), rect)
+            if inner.any():
+                # a point of the polygon's own pixels (not of a hole, not of a part in a hole)
+                seeds.append(shapely.point_on_surface(p))
+                holes.append(rings[inner])
+                p = shapely.polygons(shapely.get_exterior_ring(p), holes=rings[~inner])
+        kept.append(p)
+    return kept
+
+
+def _restore_holes(polys: list, holes: list, seeds: list) -> list:
+    """Give each set of set-aside holes back to the final polygon that holds its seed."""
+    polys = np.asarray(polys, dtype=object)
+    tree = shapely.STRtree(np.asarray(seeds, dtype=object))
+    # each polygon is prepared once and tests the seeds in its envelope
+    pi, si = tree.query(polys, predicate="contains")
+    owner = np.full(len(seeds), -1)
+    areas = shapely.area(polys)
+    for p, s in zip(pi.tolist(), si.tolist()):
+        # a polygon whose holes were set aside contains the seeds of the parts inside those
+        # holes too; the true owner is the innermost (smallest) one
+        if owner[s] < 0 or areas[p] < areas[owner[s]]:
+            owner[s] = p
+    extra: dict = {}
+    for s, p in enumerate(owner.tolist()):
+        extra.setdefault(p, []).append(holes[s])
+    out = list(polys)
+    for p, groups in extra.items():
+        if p < 0:
+            continue  # cannot happen for a seed inside pixels that exist
+        poly = polys[p]
+        n = shapely.get_num_interior_rings(poly)
+        rings = np.concatenate([shapely.get_interior_ring(poly, np.arange(n)), *groups])
+        out[p] = shapely.polygons(shapely.get_exterior_ring(poly), holes=rings)
+    return out
 
 
 def labels_to_geometries(labels, transform: Affine, connectivity: int = 8) -> dict:
@@ -449,6 +584,7 @@ def clean(
     regularize=None,
     regularize_45: bool = False,
     smooth=None,
+    footprint=None,
 ) -> np.ndarray:
     """Simplify, drop small parts and fill small holes; returns an array of the same length.
 
@@ -468,6 +604,10 @@ def clean(
     Both run after hole filling and small-part removal, before simplification; hole filling
     and small-part removal run again at the end, so that no part or hole below those limits
     is left in the result.
+
+    ``footprint`` (the raster's outline in the CRS, :func:`raster_footprint`) cuts every
+    object to the raster, first and again after any reshaping, so that no coordinate lies
+    outside it.
     """
     regularize = None if regularize is False else regularize
     smooth = None if smooth is False else smooth
@@ -476,7 +616,7 @@ def clean(
     if regularize is not None and smooth is not None:
         raise TerrasamError("give regularize (buildings) or smooth (natural boundaries), "
                             "not both.")
-    geoms = _make_valid(_as_array(geoms))
+    geoms = clip_to_footprint(_make_valid(_as_array(geoms)), footprint)
     crs = _pyproj_crs(crs)
     pixel_length, pixel_area = _pixel_scale(pixel_size)
 
@@ -508,8 +648,8 @@ def clean(
             geoms = _simplify(geoms, tolerance, pixel_length)
     if simplify is not None or regularize is not None or smooth is not None:
         # reshaping shrinks parts and holes (and its repairs split off slivers): the limits
-        # hold on the final geometry
-        geoms = small_holes_and_parts(geoms)
+        # hold on the final geometry, which stays inside the raster
+        geoms = small_holes_and_parts(clip_to_footprint(geoms, footprint))
     return geoms
 
 
@@ -530,11 +670,22 @@ def _to_lonlat(geoms: np.ndarray, crs) -> np.ndarray:
     return shapely.transform(geoms, forward)
 
 
-def _geodesic(geoms: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
-    """Ellipsoidal area (holes subtracted) and perimeter (holes included) of each geometry."""
-    geod = crs.get_geod()
-    lonlat = _to_lonlat(geoms, crs)
-    parts, part_owner = shapely.get_parts(lonlat, return_index=True)
+# longest edge measured as one geodesic: a pixel edge runs along a parallel, a geodesic does
+# not (it bends towards the pole, and one over 180 degrees of longitude goes the other way round
+# the globe); 0.1 degree edges keep the area of a lon/lat rectangle within 5e-7 of the exact one,
+# even at 89 degrees
+GEODESIC_STEP_DEG = 0.1
+_GEODESIC_STEP_M = GEODESIC_STEP_DEG * 111_000.0  # the same along a Mercator map's metres
+# objects wider than this (degrees of longitude) have their area measured in strips this wide:
+# pyproj folds a polygon's area into [-A/2, A/2] (A: the ellipsoid's area), so a piece must stay
+# well under half the globe for the size of its area to be right
+_STRIP_DEG = 90.0
+
+
+def _ring_sums(geoms: np.ndarray, geod) -> tuple[np.ndarray, np.ndarray]:
+    """Area (holes subtracted) and perimeter (holes included) of lon/lat geometries, each edge
+    a geodesic."""
+    parts, part_owner = shapely.get_parts(geoms, return_index=True)
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     coords, coord_ring = shapely.get_coordinates(rings, return_index=True)
     bounds = np.searchsorted(coord_ring, np.arange(len(rings) + 1))
@@ -542,13 +693,44 @@ def _geodesic(geoms: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
     ring_perimeter = np.empty(len(rings))
     for i in range(len(rings)):  # pyproj measures one ring per call
         lon, lat = coords[bounds[i]: bounds[i + 1]].T
-        ring_area[i], ring_perimeter[i] = geod.polygon_area_perimeter(lon, lat)
+        # a raster's edge a hair past a pole ends there (beyond it the ellipsoid has no point)
+        ring_area[i], ring_perimeter[i] = geod.polygon_area_perimeter(
+            lon, np.clip(lat, -90.0, 90.0))
     exterior = np.r_[True, ring_part[1:] != ring_part[:-1]] if len(rings) else np.zeros(0, bool)
     signed = np.where(exterior, 1.0, -1.0) * np.abs(ring_area)
     owner = part_owner[ring_part]
     area = np.bincount(owner, weights=signed, minlength=len(geoms))
     perimeter = np.bincount(owner, weights=ring_perimeter, minlength=len(geoms))
     return area, perimeter
+
+
+def _geodesic(geoms: np.ndarray, crs) -> tuple[np.ndarray, np.ndarray]:
+    """Ellipsoidal area (holes subtracted, never negative) and perimeter (holes included) of
+    each geometry, its long edges followed in steps of :data:`GEODESIC_STEP_DEG`."""
+    geod = crs.get_geod()
+    if crs.is_geographic:
+        lonlat = shapely.segmentize(geoms, GEODESIC_STEP_DEG)
+    else:  # Mercator-type: straight lines of the map, densified where they are drawn
+        lonlat = _to_lonlat(shapely.segmentize(geoms, _GEODESIC_STEP_M / _metres_per_unit(crs)),
+                            crs)
+    area, perimeter = _ring_sums(lonlat, geod)
+    box_bounds = shapely.bounds(lonlat)
+    wide = np.flatnonzero(box_bounds[:, 2] - box_bounds[:, 0] > _STRIP_DEG)
+    if len(wide):
+        pieces, owner = [], []
+        for i in wide:
+            x0, _, x1, _ = box_bounds[i]
+            edges = np.arange(np.floor(x0 / _STRIP_DEG), np.ceil(x1 / _STRIP_DEG) + 1) * _STRIP_DEG
+            strips = shapely.box(edges[:-1], -1e3, edges[1:], 1e3)
+            pieces.append(_polygonal(shapely.intersection(lonlat[i], strips)))
+            owner.append(np.full(len(strips), i))
+        pieces, owner = np.concatenate(pieces), np.concatenate(owner)
+        present = ~shapely.is_missing(pieces)
+        piece_area, _ = _ring_sums(pieces[present], geod)
+        area[wide] = 0.0
+        np.add.at(area, owner[present], piece_area)
+    # holes lie inside their exterior, so only rounding could take the sum below zero
+    return np.maximum(area, 0.0), perimeter
 
 
 def measure(geoms, crs) -> tuple[np.ndarray, np.ndarray]:

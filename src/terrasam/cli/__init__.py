@@ -33,6 +33,9 @@ def _usage_sentence(exc: click.UsageError) -> str:
     return f"{text} (see `{command} --help`)."
 
 
+INTERRUPTED = "terrasam: interrupted: run the same command to resume"
+
+
 class _LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)
@@ -45,9 +48,14 @@ class _LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attr)
 
     def invoke(self, ctx):
+        from terrasam.interrupt import answered
+        from terrasam.io import remove_own_temporaries
+
         try:
-            # terrasam's and GDAL's warnings: each once, as "terrasam: warning: ..."
-            with routed(echo=lambda line: click.echo(line, err=True)):
+            # terrasam's and GDAL's warnings: each once, as "terrasam: warning: ..."; a Ctrl-C
+            # that a long native call holds back ends the run after 1.5 s all the same
+            with routed(echo=lambda line: click.echo(line, err=True)), \
+                    answered(INTERRUPTED, cleanup=remove_own_temporaries):
                 return super().invoke(ctx)
         except TerrasamError as exc:
             click.echo(f"terrasam: error: {exc}", err=True)
@@ -58,8 +66,10 @@ class _LazyGroup(click.Group):
             click.echo(f"terrasam: error: {_usage_sentence(exc)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("terrasam: interrupted: run the same command to resume", err=True)
-            sys.exit(130)
+            from terrasam.interrupt import EXIT_CODE, say_once
+
+            say_once(INTERRUPTED)
+            sys.exit(EXIT_CODE)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -45,7 +45,7 @@ def _stack(*decorators):
 
 
 def model_options(f):
-    """--model, --checkpoint, --device, --dtype, --compile."""
+    """--model, --checkpoint, --device, --dtype, --compile, --backend."""
     return _stack(
         click.option("--model", "-m", "model", metavar="ID",
                      help="Model id (see `terrasam models`); default sam2.1-hiera-tiny."),
@@ -58,6 +58,12 @@ def model_options(f):
                      help="Model precision (auto: bf16/fp16 on GPUs, fp32 on CPU)."),
         click.option("--compile", "compile_", is_flag=True, default=False,
                      help="torch.compile the model (slow start, faster tiles)."),
+        click.option("--backend", default="torch", show_default=True,
+                     type=click.Choice(["torch", "onnx", "onnx-int8"]),
+                     help="Model runtime: torch, or ONNX Runtime for the image encoder and "
+                          "the generator's decoder (onnx; onnx-int8: int8 encoder weights, "
+                          "approximate), exported once per checkpoint into the cache; needs "
+                          "pip install 'terrasam[onnx]'."),
     )(f)
 
 

@@ -108,7 +108,8 @@ def _run(api, kw: dict, amg: dict, engine) -> dict:
         nodata=kw.pop("nodata"), scale=kw.pop("scale"), tile_size=kw.pop("tile_size"),
         overlap=kw.pop("overlap"), gsd=kw.pop("gsd"), simplify=kw.pop("simplify"),
         min_area=kw.pop("min_area"), fill_holes=kw.pop("fill_holes"), device=kw.pop("device"),
-        dtype=kw.pop("dtype"), compile=kw.pop("compile_"), workdir=kw.pop("workdir"),
+        dtype=kw.pop("dtype"), compile=kw.pop("compile_"), backend=kw.pop("backend"),
+        workdir=kw.pop("workdir"),
         keep_workdir=kw.pop("keep_workdir"), overwrite=kw.pop("overwrite"),
         quiet=kw.pop("quiet"), engine=engine, return_frame=False, **pop_objects(kw),
         **{k: v for k, v in amg.items() if v is not None}).attrs["terrasam"]

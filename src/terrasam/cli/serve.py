@@ -38,7 +38,8 @@ def serve(raster, **kw):
 
     amg = {k: kw[k] for k in AMG_NAMES if kw.get(k) is not None}
     check_run(model=kw["model"], checkpoint=kw["checkpoint"], scale=kw["scale"],
-              simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"])
+              simplify=kw["simplify"], min_area=kw["min_area"], fill_holes=kw["fill_holes"],
+              backend=kw["backend"], device=kw["device"])
     check_finite(amg)
     from terrasam.amg import AMGParams
 
@@ -48,7 +49,8 @@ def serve(raster, **kw):
     run(raster, host=host or "127.0.0.1", port=kw["port"], allow_remote=host is not None,
         open_browser=kw["open_browser"], echo=lambda m: click.echo(m, err=True),
         model=kw["model"], checkpoint=kw["checkpoint"], device=kw["device"],
-        dtype=kw["dtype"], compile=kw["compile_"], bands=parse_bands(kw["bands"]),
+        dtype=kw["dtype"], compile=kw["compile_"], backend=kw["backend"],
+        bands=parse_bands(kw["bands"]),
         nodata=kw["nodata"], scale=kw["scale"], simplify=kw["simplify"],
         min_area=kw["min_area"], fill_holes=kw["fill_holes"],
         amg=amg,

@@ -39,23 +39,39 @@ def adapter_class(module, family: str):
 
 
 def load_model(model_id: str | None = None, checkpoint=None, device="auto", dtype="auto",
-               compile: bool = False):
+               compile: bool = False, backend: str = "torch"):
     """Load a model as an Adapter.
 
     model_id: a registry id (default DEFAULT_MODEL), fetched into the Hugging Face cache;
     checkpoint: a local Hugging Face model folder or a Meta .pth/.pt file (architecture read
     from it; model_id, when also given, must agree). device: auto|cpu|cuda|mps; dtype:
-    auto|float32|bfloat16|float16; compile: torch.compile the encoder and decoder.
+    auto|float32|bfloat16|float16; compile: torch.compile the encoder and decoder;
+    backend: "torch", or "onnx" / "onnx-int8" to run the image encoder in ONNX Runtime
+    (exported once per checkpoint into the cache, see terrasam.models.onnx_backend).
     """
     from terrasam.models.device import compile_modules, resolve_device, resolve_dtype
     from terrasam.models.weights import load_weights
 
+    encoder = None
+    if backend != "torch":
+        from terrasam.models import onnx_backend
+
+        onnx_backend.check_backend(backend, str(device), model_id)
+        device = onnx_backend.device_for(backend, device)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     loaded = load_weights(model_id, checkpoint)
+    sha256 = loaded.sha256
+    if backend != "torch":  # exported from the float32 CPU weights, before the move below
+        encoder = onnx_backend.load_encoder(loaded.model, loaded.spec.family, sha256,
+                                            backend, dev)
     adapter = adapter_class(loaded.module, loaded.spec.family)(loaded.model, loaded.spec, dev, dt)
     adapter.checkpoint = loaded.source
-    adapter.checkpoint_sha256 = loaded.sha256
+    adapter.checkpoint_sha256 = sha256
+    adapter.backend = backend
+    if encoder is not None:
+        adapter.encoder = encoder
+        onnx_backend.attach_decoder(adapter, sha256)
     if compile:
         model = getattr(adapter, "model", None)
         parts = [getattr(model, n) for n in ("vision_encoder", "mask_decoder")

@@ -1,7 +1,7 @@
 """A model reference: what travels to an engine's workers instead of a loaded model.
 
 A :class:`ModelRef` is a small picklable value (model id or checkpoint, device, dtype,
-compile). Each process loads the model once from it (:meth:`ModelRef.load`, cached per
+compile, backend). Each process loads the model once from it (:meth:`ModelRef.load`, cached per
 process) and keeps it for every tile it runs. A loaded adapter never crosses a process: a
 reference made from one (``ModelRef.of(adapter)``) works in this process only.
 """
@@ -27,6 +27,7 @@ class ModelRef:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    backend: str = "torch"
     adapter: object = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -36,7 +37,8 @@ class ModelRef:
 
     @classmethod
     def for_run(cls, model=None, checkpoint=None, *, device="auto", dtype="auto",
-                compile=False, fast=False, text=False, adapter=None) -> ModelRef:
+                compile=False, fast=False, text=False, adapter=None,
+                backend="torch") -> ModelRef:
         """The reference a command runs with, after terrasam's loading policy: text concepts
         default to ``sam3``; ``fast`` runs in bfloat16 unless a dtype is given."""
         if adapter is not None:
@@ -46,7 +48,8 @@ class ModelRef:
         if fast and dtype == "auto":
             dtype = "bfloat16"  # fast mode promises speed, not bit-parity
         return cls(model=model, checkpoint=None if checkpoint is None else str(checkpoint),
-                   device=str(device), dtype=str(dtype), compile=bool(compile))
+                   device=str(device), dtype=str(dtype), compile=bool(compile),
+                   backend=str(backend))
 
     def _key(self) -> tuple:
         stamp = None
@@ -56,7 +59,8 @@ class ModelRef:
                 stamp = (st.st_size, st.st_mtime_ns)
             except OSError:
                 pass
-        return (self.model, self.checkpoint, stamp, self.device, self.dtype, self.compile)
+        return (self.model, self.checkpoint, stamp, self.device, self.dtype, self.compile,
+                self.backend)
 
     def load(self):
         """The Adapter: loaded once per process and kept while the same reference is used."""
@@ -70,7 +74,8 @@ class ModelRef:
             if adapter is None:
                 _CACHE.clear()  # one model at a time: a process never holds two
                 adapter = load_model(self.model, self.checkpoint, device=self.device,
-                                     dtype=self.dtype, compile=self.compile)
+                                     dtype=self.dtype, compile=self.compile,
+                                     backend=self.backend)
                 _CACHE[key] = adapter
         return adapter
 

@@ -82,7 +82,7 @@ MODELS: dict[str, ModelSpec] = {
         _spec("sam2.1-hiera-large", "sam2", "hiera_l", 1024, "facebook/sam2.1-hiera-large",
               "sam2.1_hiera_large.pt", _SAM21 + "sam2.1_hiera_large.pt", 216.9),
         _spec("sam3", "sam3", "sam3", 1008, "facebook/sam3", None, None, 840.4, gated=True,
-              description="text concepts"),
+              description="text, exemplars, points, boxes"),
     ]
 }
 

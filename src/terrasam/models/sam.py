@@ -354,6 +354,8 @@ def _as_tensor(x, dtype=torch.float64) -> torch.Tensor:
 class SamAdapter(Adapter):
     """SAM or SAM-HQ through transformers, with segment_anything's pre- and postprocessing."""
 
+    encoder = None  # an ORT image encoder (terrasam.models.onnx_backend) instead of torch's
+
     def __init__(self, model, spec: ModelSpec, device, dtype):
         self._setup(model, spec, device, dtype)
         cfg = model.config
@@ -377,7 +379,7 @@ class SamAdapter(Adapter):
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an (H, W, 3) uint8 RGB image."""
         x, input_size = self.preprocess(image)
-        out = self.model.vision_encoder(x)
+        out = self.model.vision_encoder(x) if self.encoder is None else self.encoder(x)
         extra = {}
         if self._hq:
             # the HQ decoder only reads the output of the first global-attention block

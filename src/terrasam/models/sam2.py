@@ -406,6 +406,8 @@ def preprocess(image: np.ndarray, size: int, mean=IMAGE_MEAN, std=IMAGE_STD,
 class Sam2Adapter(Adapter):
     """SAM 2 / 2.1 through transformers, with sam2's SAM2ImagePredictor pre- and postprocessing."""
 
+    encoder = None  # an ORT image encoder (terrasam.models.onnx_backend) instead of torch's
+
     def __init__(self, model, spec: ModelSpec, device, dtype):
         self._setup(model, spec, device, dtype)
         cfg = model.config
@@ -425,7 +427,8 @@ class Sam2Adapter(Adapter):
         """Run the image encoder; keeps the embedding and the two high-resolution levels."""
         h, w = np.asarray(image).shape[:2]
         x = preprocess(image, self.image_size, device=self.device).to(self.dtype)
-        *high_res, image_embed = self.model.get_image_embeddings(x)
+        encode = self.model.get_image_embeddings if self.encoder is None else self.encoder
+        *high_res, image_embed = encode(x)
         return Embedding(features=image_embed, original_size=(int(h), int(w)),
                          input_size=(self.image_size, self.image_size),
                          extra={"high_res": high_res})

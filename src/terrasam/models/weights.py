@@ -20,7 +20,8 @@ from terrasam.models.registry import MODELS, ModelSpec, family_module, get_spec
 
 META_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # Which terrasam family a transformers config's model_type belongs to.
-MODEL_TYPES = {"sam": "sam", "sam_hq": "sam_hq", "sam2": "sam2", "sam3": "sam3"}
+MODEL_TYPES = {"sam": "sam", "sam_hq": "sam_hq", "sam2": "sam2", "sam3": "sam3",
+               "sam3_video": "sam3"}  # facebook/sam3: detector + tracker in one folder
 _TRUE = {"1", "on", "yes", "true"}
 _FAMILY_NAMES = {"sam": "SAM", "sam2": "SAM 2", "sam3": "SAM 3"}
 

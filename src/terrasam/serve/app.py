@@ -360,6 +360,9 @@ def serve(raster, *, host: str = "127.0.0.1", port: int = 8000, allow_remote: bo
             import webbrowser
 
             threading.Timer(0.5, webbrowser.open, args=(server.url,)).start()
+        from terrasam.interrupt import stand_down
+
+        stand_down()  # uvicorn shuts down on Ctrl+C in its own time
         server.run()
     finally:
         session.close()

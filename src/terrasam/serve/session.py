@@ -195,7 +195,8 @@ class Session:
     def __init__(self, raster, *, model=None, checkpoint=None, adapter=None, device="auto",
                  dtype="auto", compile=False, bands=None, nodata=None, scale="percentile",
                  simplify=None, min_area=None, fill_holes=None, amg=None, cache_mb=1024,
-                 prefetch=True, basemap="none", score_threshold=0.5, mask_threshold=0.5):
+                 prefetch=True, basemap="none", score_threshold=0.5, mask_threshold=0.5,
+                 backend="torch"):
         from terrasam.amg import AMGParams
         from terrasam.models.ref import ModelRef
         from terrasam.raster import open_raster
@@ -228,7 +229,8 @@ class Session:
                                   self._reader.transform, self._reader.crs)
         amg = {k: v for k, v in dict(amg or {}).items() if v is not None}
         self.ref = ModelRef.for_run(model, checkpoint, device=device, dtype=dtype,
-                                    compile=compile, fast=bool(amg.get("fast")), adapter=adapter)
+                                    compile=compile, fast=bool(amg.get("fast")), adapter=adapter,
+                                    backend=backend)
         self.adapter = self.ref.load()
         self.amg_params = AMGParams.for_family(self.adapter.family, **amg)
         self.amg_params.validate()
