@@ -199,7 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", default="exact,fast", help="terrasam modes to run")
+    ap.add_argument("--modes", default="exact,fast",
+                    help="terrasam modes to run: exact, fast, and torch (exact on the PyTorch "
+                         "backend, to compare another --backend with it in the same run)")
     ap.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"],
                     help="terrasam's image-encoder runtime (onnx needs onnxruntime and onnx in "
                          "this environment; the export is cached, keyed by the checkpoint)")
@@ -238,23 +240,27 @@ def main(argv=None) -> int:
         adapters = {"exact": adapter, "fast": adapter if args.fast_dtype == "float32" else
                     load_model(model_id, checkpoint=str(ckpt), device=args.device,
                                dtype=args.fast_dtype, backend=args.backend)}
+        if "torch" in modes:
+            adapters["torch"] = (adapter if args.backend == "torch" else
+                                 load_model(model_id, checkpoint=str(ckpt), device=args.device,
+                                            dtype="float32", backend="torch"))
         official = official_model(model_id, spec.family, ckpt)
         for setting in args.settings.split(","):
             params = AMGParams.for_family(spec.family, points_per_side=args.points_per_side,
                                           **SETTINGS[setting])
             fast_params = AMGParams.for_family(spec.family, **{**vars(params), "fast": True})
             gen = official_generator(official, spec.family, vars(params))
-            times = {"official": [], "exact": [], "fast": []}
+            times = {"official": [], "exact": [], "fast": [], "torch": []}
             masks, profs = {}, {"official": None}
             for _ in range(args.official_runs):
                 t, masks["official"] = run_official(gen, image)
                 times["official"].append(t)
-            for name, prm in (("exact", params), ("fast", fast_params)):
+            for name, prm in (("exact", params), ("fast", fast_params), ("torch", params)):
                 for _ in range(args.runs if name in modes else 0):
                     t, masks[name], profs[name] = run_terrasam(adapters[name], image, prm)
                     times[name].append(t)
             t_off = statistics.median(times["official"])
-            for name in ["official"] + [m for m in ("exact", "fast") if m in modes]:
+            for name in ["official"] + [m for m in ("exact", "fast", "torch") if m in modes]:
                 t, prof, found = statistics.median(times[name]), profs[name], masks[name]
                 rows.append(dict(
                     model=model_id, setting=setting, run=name, time=t, ratio=t_off / t,

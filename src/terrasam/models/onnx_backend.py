@@ -457,16 +457,27 @@ def _write_atomic(final: Path, write, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def decoder_enabled() -> bool:
-    """The ORT decoder is on unless TERRASAM_ONNX_DECODER=0 (to compare with terrasam's)."""
-    return os.environ.get("TERRASAM_ONNX_DECODER", "1").strip().lower() not in (
-        "0", "no", "off", "false")
+# where ORT's generator decoder measured faster than terrasam's (benchmarks/amg_parity.py,
+# default thresholds, same run: SAM ViT-B decode 37.0 s in ORT vs 77.9 s; SAM 2.1 tiny
+# 38.0 vs 38.1 s, and slower with every mask kept, benchmarks/onnx_speed.py: 17.6 vs 13.8 s)
+DECODER_FAMILIES = ("sam", "sam_hq")
+
+
+def decoder_enabled(family: str = "sam") -> bool:
+    """Whether ORT runs the generator's decodes of ``family``: by default where it measured
+    faster (SAM, SAM-HQ); TERRASAM_ONNX_DECODER=0 never, =1 for every family."""
+    value = os.environ.get("TERRASAM_ONNX_DECODER", "").strip().lower()
+    if value in ("0", "no", "off", "false"):
+        return False
+    if value in ("1", "yes", "on", "true"):
+        return True
+    return family in DECODER_FAMILIES
 
 
 def attach_decoder(adapter, sha256: str | None = None) -> OrtDecoder | None:
     """Route the adapter's generator decodes through ORT (exported on first use); None
-    (terrasam's decoder kept) when TERRASAM_ONNX_DECODER=0."""
-    if not decoder_enabled():
+    (terrasam's decoder kept) where :func:`decoder_enabled` says no."""
+    if not decoder_enabled(adapter.family):
         return None
     if adapter.family not in FAMILIES:
         raise TerrasamError(f"no ONNX decoder for {adapter.family} models")
