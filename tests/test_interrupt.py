@@ -149,3 +149,14 @@ def test_ctrl_c_inside_a_long_native_call_is_answered_within_two_seconds(tmp_pat
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["mark", "work", "wrap.py"], left  # no staging file, no temporary
     assert any(work.rglob("*.npz"))  # every tile was finished: the rerun only stitches
+
+
+def test_the_message_is_said_once_per_run_in_a_long_lived_process(capsys):
+    from terrasam import interrupt
+
+    for _ in range(2):  # two runs in one process (the API, a test runner)
+        with interrupt.answered(MESSAGE):
+            pass
+        interrupt.say_once(MESSAGE)
+        interrupt.say_once(MESSAGE)  # the CLI and the watcher racing: still once
+    assert capsys.readouterr().err == f"{MESSAGE}\n{MESSAGE}\n"
