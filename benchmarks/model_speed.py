@@ -19,12 +19,14 @@ import time
 import numpy as np
 import torch
 
+from terrasam.errors import TerrasamError
 from terrasam.models import adapter_class, get_spec
 from terrasam.models.device import compile_modules, resolve_device
 from terrasam.models.registry import family_module
 from terrasam.testing import random_model
 
-DEFAULT_MODELS = ("sam-vit-b", "sam-hq-vit-b", "sam2.1-hiera-tiny", "sam3")
+DEFAULT_MODELS = ("sam-vit-b", "sam-hq-vit-b", "slimsam-50", "slimsam-77", "sam2.1-hiera-tiny",
+                  "edgetam", "sam3")
 MODES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
          "compile": (torch.float32, True)}
 
@@ -101,7 +103,13 @@ def main() -> None:
     print("| --- | --- | --- | ---: | ---: |")
     for model_id in args.models.split(","):
         spec = get_spec(model_id)
-        if family_module(spec.family, required=False) is None:
+        module = family_module(spec.family, required=False)
+        try:  # e.g. EdgeTAM without timm
+            if module is not None and hasattr(module, "check_available"):
+                module.check_available()
+        except TerrasamError:
+            module = None
+        if module is None:
             print(f"| {model_id} | - | - | not available | not available |")
             continue
         for mode in args.modes.split(","):

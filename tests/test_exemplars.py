@@ -201,3 +201,27 @@ def test_exemplar_with_a_checkpoint_of_another_family_is_refused(scene, tmp_path
     assert result.exit_code == 1
     assert result.output.strip() == ("terrasam: error: model sam2.1-hiera-tiny does not take "
                                       "exemplars; exemplars are a SAM 3 prompt: use --model sam3.")
+
+
+def test_exemplars_on_the_dask_engine_equal_the_local_engine(scene, ckpt, tmp_path):
+    pytest.importorskip("distributed")
+
+    def crs_box(geom):  # in the raster's CRS
+        return ",".join(str(v) for v in geom.bounds)
+
+    runs = {}
+    for engine in ("local", "dask-local"):
+        out = tmp_path / f"{engine}.gpkg"
+        extra = ["--engine", "dask-local", "--workers", "2"] if engine != "local" else []
+        result = _run(scene.path, "-o", out, "--checkpoint", ckpt, *TILE, *extra,
+                      "--exemplar", crs_box(scene.polygons[1]),
+                      "--negative-exemplar", crs_box(scene.polygons[2]))
+        assert result.exit_code == 0, result.output
+        runs[engine] = gpd.read_file(out)
+    local, dask = runs["local"], runs["dask-local"]
+    assert len(local) > 0 and len(local) == len(dask)
+    assert set(dask.prompt_type) == {"exemplar"} and dask.crs == scene.crs
+    # the same objects (the workers run one thread each, so scores may differ in the last bits)
+    for a, b in zip(local.geometry, dask.geometry):
+        assert a.symmetric_difference(b).area <= 1e-6 * a.area
+    np.testing.assert_allclose(local.score, dask.score, atol=1e-4)

@@ -299,3 +299,21 @@ def test_exemplar_prompt_matches_sam3_forward_with_boxes(adapter, monkeypatch):
     assert [r["score"] for r in got] != pytest.approx([r["score"] for r in text_only])
     visual = adapter.concept_prompt(None, [(emb, boxes[:1], [1])])
     assert visual.label == "exemplar" and visual.features.shape[1] == sam3.TEXT_LENGTH + 2
+
+
+def test_registry_parameter_count_is_detector_plus_tracker_without_the_shared_backbone():
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    from terrasam.models import get_spec
+
+    config = sam3.build_video_config("full")
+    tracker_config = config.tracker_config
+    if isinstance(tracker_config, dict):
+        tracker_config = Sam3TrackerConfig(**tracker_config)
+    with torch.device("meta"):
+        detector = sam3.model_class()(sam3.build_config("sam3", "sam3", "full"))
+        tracker = Sam3TrackerModel(tracker_config)
+    n = sum(p.numel() for p in detector.parameters()) + sum(
+        v.numel() for k, v in tracker.state_dict().items()
+        if not k.startswith("vision_encoder.backbone."))
+    assert get_spec("sam3").params_m == pytest.approx(n / 1e6, abs=0.05)

@@ -58,11 +58,6 @@ def test_onnx_embed_and_masks_match_torch(model_id, checkpoints, onnx_cache, mon
 
     ckpt = checkpoints[model_id]
     ref = load_model(model_id, ckpt, device="cpu")
-    if ref.family == "sam2":
-        # by default SAM 2 keeps terrasam's decoder (ORT's measured no faster) ...
-        default = load_model(model_id, ckpt, device="cpu", backend="onnx")
-        assert getattr(default, "ort_decoder", None) is None and default.encoder is not None
-        monkeypatch.setenv("TERRASAM_ONNX_DECODER", "1")  # ... which is tested here all the same
     ort = load_model(model_id, ckpt, device="cpu", backend="onnx")
     assert ort.encoder is not None and ref.encoder is None and ort.backend == "onnx"
     assert ort.encoder.folder.parent == onnx_cache
@@ -77,8 +72,10 @@ def test_onnx_embed_and_masks_match_torch(model_id, checkpoints, onnx_cache, mon
     params = AMGParams.for_family(ref.family, points_per_side=5, pred_iou_thresh=0.0,
                                   stability_score_thresh=0.0, box_nms_thresh=1.0)
     ma, mb = generate(ref, image, params), generate(ort, image, params)
-    assert ort.ort_decoder.session is not None  # the generator's decodes went through ORT
-    assert ort.ort_decoder.folder.name.startswith(ref.checkpoint_sha256)
+    # the generator's decodes went through ORT's two graphs
+    masks = "masks1" if ref.family == "sam_hq" else "masks3"  # SAM-HQ: the best mask + HQ's
+    assert set(ort.ort_decoder.sessions) == {"twoway", masks}
+    assert ort.ort_decoder.folder(masks).name.startswith(ref.checkpoint_sha256)
     assert len(ma) > 3 and len(ma) == len(mb)
     for r, s in zip(ma, mb):
         assert r.bbox == s.bbox or _iou(r, s) >= 0.99
@@ -91,6 +88,19 @@ def test_onnx_embed_and_masks_match_torch(model_id, checkpoints, onnx_cache, mon
         assert la.shape == lb.shape and ia.shape == ib.shape
         assert float((ia - ib).abs().max()) < 1e-4
         assert float((la - lb).abs().max()) < 1e-3 * max(1.0, float(la.abs().max()))
+    # with the IoU hint both skip the same masks (-inf logits), and agree on the rest
+    (la, ia) = ref.decode(a, points=pts)
+    v = ia.flatten().sort().values  # a hint between two IoUs, far from both
+    mid = range(len(v) // 3, 2 * len(v) // 3)
+    k = max(mid, key=lambda i: float(v[i + 1] - v[i]))
+    hint = float(v[k] + v[k + 1]) / 2
+    (la, ia), (lb, ib) = (ref.decode(a, points=pts, iou_thresh=hint),
+                          ort.decode(b, points=pts, iou_thresh=hint))
+    skipped = torch.isneginf(la.flatten(2).amax(2))
+    assert skipped.any() and not skipped.all()
+    assert torch.equal(skipped, torch.isneginf(lb.flatten(2).amax(2)))
+    assert float((la[~skipped] - lb[~skipped]).abs().max()) < 1e-3 * max(
+        1.0, float(la[~skipped].abs().max()))
 
 
 def _iou(r, s) -> float:
@@ -227,8 +237,9 @@ def test_cli_segment_with_onnx_backend_end_to_end(checkpoints, tmp_path, onnx_ca
     a = runs["torch"].geometry.union_all()
     b = runs["onnx"].geometry.union_all()
     assert a.symmetric_difference(b).area <= 0.01 * a.area
-    # the encoder, exported once; SAM 2 keeps terrasam's decoder (ORT's measured no faster)
-    assert sorted(p.name.split("-v1-")[1] for p in onnx_cache.iterdir()) == ["fp32"]
+    # the encoder and the decoder's two graphs, each exported once
+    assert sorted(p.name.split("-v1-")[1] for p in onnx_cache.iterdir()) == [
+        "fp32", "masks3-fp32", "twoway-fp32"]
 
     result = CliRunner().invoke(main, ["segment", str(src), "-o", str(tmp_path / "x.gpkg"),
                                        "--model", "sam3", "--backend", "onnx"])
@@ -241,15 +252,16 @@ def test_decoder_switch_and_damaged_decoder_export(checkpoints, monkeypatch):
     monkeypatch.setenv("TERRASAM_ONNX_DECODER", "0")
     plain = load_model("sam-vit-b", ckpt, device="cpu", backend="onnx")
     assert getattr(plain, "ort_decoder", None) is None
-    assert plain._run_decoder.__func__ is type(plain)._run_decoder  # terrasam's own decoder
+    assert plain._two_way.__func__ is type(plain)._two_way  # terrasam's own decoder
+    assert plain._mask_logits.__func__ is type(plain)._mask_logits
     monkeypatch.delenv("TERRASAM_ONNX_DECODER")
     ort = load_model("sam-vit-b", ckpt, device="cpu", backend="onnx")
     emb = ort.embed(_image())
     pts = np.random.default_rng(2).uniform(0, 200, (17, 1, 2))
     first = ort.decode(emb, pts)
-    folder = ort.ort_decoder.folder
+    folder = ort.ort_decoder.folder("masks3")
     (folder / "model.onnx.data").write_bytes(b"cut")
     again = load_model("sam-vit-b", ckpt, device="cpu", backend="onnx")
-    with pytest.warns(UserWarning, match="cached ONNX export .*decoder.* incomplete"):
+    with pytest.warns(UserWarning, match="cached ONNX export .*masks3.* incomplete"):
         second = again.decode(again.embed(_image()), pts)
     assert torch.equal(first[1], second[1])

@@ -49,7 +49,7 @@ from terrasam.models.device import decode_batch_for
 from terrasam.progress import report
 from terrasam.tiling import MaskRecord, TileProfile
 
-SAM2_FAMILIES = ("sam2", "sam3")
+SAM2_FAMILIES = ("sam2", "sam3", "edgetam")
 # bytes of upsampled logits per chunk: under glibc's 32 MiB mmap ceiling, so that each
 # chunk reuses the freed memory of the last instead of page-faulting in fresh memory
 _UPSCALE_BUDGET = 24 << 20

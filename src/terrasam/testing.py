@@ -15,7 +15,7 @@ from torch import nn
 from terrasam.models.registry import family_module, get_spec
 
 # Families whose Meta checkpoints wrap the state dict as {"model": state_dict}.
-_WRAPPED = {"sam2", "sam3"}
+_WRAPPED = {"sam2", "sam3", "edgetam"}
 # The decoder's learned output tokens (IoU, mask, HQ tokens).
 _OUTPUT_TOKENS = ("mask_decoder.iou_token", "mask_decoder.mask_tokens", "mask_decoder.hq_token",
                   "mask_decoder.obj_score_token")
@@ -88,8 +88,8 @@ def random_checkpoint(model_id: str, path, size: str = "tiny", format: str = "hf
 
     format "hf": a save_pretrained folder (config.json + model.safetensors) at path.
     format "meta": Meta's original file in its exact key layout: a .pth state dict (SAM,
-    SAM-HQ) or a .pt holding {"model": state_dict} (SAM 2); when path is a folder, the file
-    gets Meta's file name inside it.
+    SAM-HQ) or a .pt holding {"model": state_dict} (SAM 2, EdgeTAM); when path is a folder,
+    the file gets Meta's file name inside it.
     """
     spec = get_spec(model_id)
     if format not in ("hf", "meta"):

@@ -13,7 +13,7 @@ __all__ = ["Adapter", "Embedding", "DEFAULT_MODEL", "MODELS", "ModelSpec", "get_
 
 # The Adapter subclass each family module defines, by convention.
 _ADAPTER_NAMES = {"sam": "SamAdapter", "sam_hq": "SamAdapter", "sam2": "Sam2Adapter",
-                  "sam3": "Sam3Adapter"}
+                  "sam3": "Sam3Adapter", "edgetam": "EdgeTamAdapter"}
 
 
 def __getattr__(name):
@@ -38,6 +38,25 @@ def adapter_class(module, family: str):
     return found[0]
 
 
+def _check_family(model_id: str, backend: str) -> None:
+    """Before any weights are read: the packages the model's family needs (its module's
+    check_available, e.g. timm for EdgeTAM), and an ONNX export of its image encoder."""
+    from terrasam.errors import TerrasamError
+    from terrasam.models.registry import family_module
+
+    spec = get_spec(model_id)
+    module = family_module(spec.family)
+    check = getattr(module, "check_available", None)
+    if check is not None:
+        check()
+    if backend != "torch":
+        from terrasam.models import onnx_backend
+
+        if spec.family not in onnx_backend.FAMILIES:
+            raise TerrasamError(f"--backend {backend} runs SAM, SAM-HQ and SAM 2/2.1 image "
+                                f"encoders; run {model_id} with --backend torch.")
+
+
 def load_model(model_id: str | None = None, checkpoint=None, device="auto", dtype="auto",
                compile: bool = False, backend: str = "torch"):
     """Load a model as an Adapter.
@@ -57,6 +76,9 @@ def load_model(model_id: str | None = None, checkpoint=None, device="auto", dtyp
         from terrasam.models import onnx_backend
 
         onnx_backend.check_backend(backend, str(device), model_id)
+    if model_id is not None:
+        _check_family(model_id, backend)
+    if backend != "torch":
         device = onnx_backend.device_for(backend, device)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -317,62 +317,76 @@ def attach(adapter, backend: str = "onnx") -> OrtEncoder:
 
 
 # ---------------------------------------------------------------------------------------------
-# The prompt decoder: the automatic mask generator's call (one point per prompt, all masks of
-# a multimask decode, no mask input, float32) in ORT, in whole chunks of DECODE_BATCH prompts
-# (a remainder, e.g. one click, in torch); every other call runs terrasam's torch decoder.
-# Measured once on this project's CPU, under load from other jobs (full-size random weights,
-# 16 prompts, all masks upscaled): SAM ViT-B 3.13 s (torch) -> 1.32 s (ORT), SAM 2.1 tiny 1.18 -> 0.81 s; with an
-# IoU hint that skips upscaling 83 % of SAM 2.1's masks torch took 0.80 s. Logits agree
-# within 2e-5. TERRASAM_ONNX_DECODER=0 keeps terrasam's decoder (to compare).
+# The prompt decoder in two ONNX graphs that take over two steps of the adapter's own decoder
+# (``adapter._two_way`` and ``adapter._mask_logits``), so that its IoU hint still skips the
+# masks the generator will drop: "twoway" (prompt tokens, image embedding -> queries, keys)
+# for every prompt of a call without a mask input, and "masks" (keys, hypernetwork weights,
+# the image's levels -> low-resolution logits) for the surviving prompts only, in chunks of
+# CHUNK. float32 on one image only; anything else runs in torch.
+# Measured on this project's CPU (full-size random SAM ViT-B, 16 prompts): two-way 0.29 s in
+# torch vs 0.17 s in ORT, mask head 0.29 vs 0.13 s. TERRASAM_ONNX_DECODER=0 keeps torch.
 
-DECODE_BATCH = 16
-_SPARSE_TOKENS = 2  # one point plus the padding point the prompt encoder appends
+CHUNK = 16  # prompts per ORT call: the graphs are traced for this batch
 
 
-class _Decoder(nn.Module):
-    """The adapter's decoder on (image features, [extra levels], sparse prompts)."""
-
+class _TwoWay(nn.Module):
     def __init__(self, adapter):
         super().__init__()
         self.model, self.adapter = adapter.model, adapter
 
-    def forward(self, features, sparse, *levels):
-        from terrasam.models.base import Embedding
+    def forward(self, tokens, features, *levels):
+        from terrasam.models import fast_decoder as fd
 
         a = self.adapter
-        size = (a.image_size, a.image_size)
-        if a.family == "sam2":
-            emb = Embedding(features, size, size, {"high_res": list(levels)})
-            return a._torch_run_decoder(emb, sparse, None, True, None)
-        extra = {"intermediate_embeddings": list(levels)} if levels else {}
-        emb = Embedding(features, size, size, extra)
-        return a._torch_run_decoder(emb, sparse, None, sparse.shape[0], True, None)
+        per = a._per_image(_embedding(a, features, list(levels)))
+        return fd.two_way(a.model.mask_decoder.transformer, tokens, per["side"])
 
 
-def _levels_of(embedding) -> list:
-    return list(embedding.extra.get("high_res") or embedding.extra.get(
-        "intermediate_embeddings") or [])
+class _Masks(nn.Module):
+    def __init__(self, adapter):
+        super().__init__()
+        self.model, self.adapter = adapter.model, adapter
+
+    def forward(self, keys, hyper, *rest):
+        a = self.adapter
+        hq = a.family == "sam_hq"
+        hq_hyper, rest = (rest[0], rest[1:]) if hq else (None, rest)
+        emb = _embedding(a, rest[0], list(rest[1:]))
+        hw = tuple(emb.features.shape[-2:])
+        per = a._per_image(emb)
+        extra = (hq_hyper,) if hq else ()
+        return type(a)._mask_logits(a, emb, per, keys, hyper, hw, *extra)
 
 
-def _export_decoder(adapter, embedding, folder: Path) -> None:
+def _embedding(adapter, features, levels):
+    from terrasam.models.base import Embedding
+
+    size = (adapter.image_size, adapter.image_size)
+    key = "high_res" if adapter.family == "sam2" else "intermediate_embeddings"
+    return Embedding(features, size, size, {key: levels} if levels else {})
+
+
+def _image_inputs(embedding) -> tuple:
+    """The embedding and its extra levels (SAM 2's high-resolution ones, SAM-HQ's ViT one)."""
+    levels = embedding.extra.get("high_res") or embedding.extra.get(
+        "intermediate_embeddings") or []
+    return tuple(x.detach().float() for x in (embedding.features, *levels))
+
+
+def _export_graph(adapter, module: nn.Module, ins: tuple, outputs: list[str],
+                  folder: Path) -> None:
     import onnx
 
-    c = embedding.features.shape[1]
-    shape = (DECODE_BATCH, 1, _SPARSE_TOKENS, c) if adapter.family == "sam2" else \
-        (DECODE_BATCH, _SPARSE_TOKENS, c)
-    ins = (embedding.features.float(), torch.zeros(shape), *[x.float() for x in
-                                                            _levels_of(embedding)])
     raw = folder / "raw"
     raw.mkdir()
     grads = [p.requires_grad for p in adapter.model.parameters()]
     adapter.model.requires_grad_(False)
+    names = [f"in{i}" for i in range(len(ins))]
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(_Decoder(adapter).eval(), ins, str(raw / _MODEL), dynamo=False,
-                              opset_version=OPSET,
-                              input_names=[f"in{i}" for i in range(len(ins))],
-                              output_names=["logits", "iou"])
+            torch.onnx.export(module.eval(), ins, str(raw / _MODEL), dynamo=False,
+                              opset_version=OPSET, input_names=names, output_names=outputs)
     finally:
         for p, g in zip(adapter.model.parameters(), grads):
             p.requires_grad_(g)
@@ -383,57 +397,81 @@ def _export_decoder(adapter, embedding, folder: Path) -> None:
 
 
 class OrtDecoder:
-    """Replaces ``adapter._run_decoder``: the generator's calls in ORT, the rest in torch."""
+    """Takes over ``adapter._two_way`` and ``adapter._mask_logits`` with ORT graphs."""
 
     def __init__(self, adapter, sha256: str, provider_list: list[str]):
         self.adapter, self.sha256, self.providers = adapter, sha256, provider_list
-        self.session = None
-        self.folder = cache_dir() / f"{sha256}-{adapter.family}-v{EXPORT_VERSION}-decoder" \
-                                    f"{DECODE_BATCH}-fp32"
+        self.sessions: dict[str, object] = {}
+        self.torch_two_way, self.torch_mask_logits = adapter._two_way, adapter._mask_logits
+        dec = adapter.model.mask_decoder  # its output tokens, one point and the padding point
+        adapter._one_point_tokens = 2 + sum(
+            getattr(dec, n).weight.shape[0] for n in ("obj_score_token", "iou_token",
+                                                      "mask_tokens", "hq_token") if hasattr(dec, n))
 
-    def _load(self, embedding):
-        if self.session is None:
-            folder = self.folder
+    def folder(self, part: str) -> Path:
+        return cache_dir() / f"{self.sha256}-{self.adapter.family}-v{EXPORT_VERSION}-{part}-fp32"
+
+    def _session(self, part: str, export):
+        session = self.sessions.get(part)
+        if session is None:
+            folder = self.folder(part)
             if folder.exists() and not _valid(folder):
                 warnings.warn(f"the cached ONNX export {folder} is incomplete or damaged; "
-                              "exporting it again", UserWarning, stacklevel=3)
+                              "exporting it again", UserWarning, stacklevel=4)
                 shutil.rmtree(folder, ignore_errors=True)
             if not folder.exists():
-                _write_atomic(folder, lambda tmp: _export_decoder(self.adapter, embedding, tmp),
-                              {"family": self.adapter.family, "checkpoint_sha256": self.sha256,
-                               "part": "decoder", "batch": DECODE_BATCH})
-            self.session = _session(folder, self.providers)
-        return self.session
+                _write_atomic(folder, export, {"family": self.adapter.family, "part": part,
+                                               "checkpoint_sha256": self.sha256})
+            session = self.sessions[part] = _session(folder, self.providers)
+        return session
 
-    def __call__(self, embedding, sparse, dense, *args):
+    def _usable(self, embedding, dense=None) -> bool:
+        return (dense is None and self.adapter.dtype == torch.float32
+                and embedding.features.shape[0] == 1)
+
+    def two_way(self, embedding, tokens, side, dense):
+        # traced for the generator's prompt: one point (+ the padding point), CHUNK prompts
+        if not self._usable(embedding, dense) or tokens.shape[1] != self.adapter._one_point_tokens:
+            return self.torch_two_way(embedding, tokens, side, dense)
         a = self.adapter
-        multimask = args[-2]
-        tokens = sparse.shape[-2]
-        if (dense is not None or not multimask or tokens != _SPARSE_TOKENS
-                or a.dtype != torch.float32 or embedding.features.shape[0] != 1):
-            return a._torch_run_decoder(embedding, sparse, dense, *args)
-        b = sparse.shape[0]
-        full = b - b % DECODE_BATCH  # whole chunks in ORT; a remainder (a click) in torch
-        if not full:
-            return a._torch_run_decoder(embedding, sparse, dense, *args)
-        session = self._load(embedding)
-        fixed = {f"in{i + 2}": x.detach().cpu().float().numpy()
-                 for i, x in enumerate(_levels_of(embedding))}
-        fixed["in0"] = embedding.features.detach().cpu().float().numpy()
-        flat = sparse.detach().cpu().float()
-        dev = embedding.features.device
-        logits, ious = [], []
-        for s in range(0, full, DECODE_BATCH):
-            out_logits, out_iou = session.run(
-                None, {**fixed, "in1": flat[s:s + DECODE_BATCH].contiguous().numpy()})
-            logits.append(torch.from_numpy(out_logits).to(dev))
-            ious.append(torch.from_numpy(out_iou).to(dev))
-        if full < b:
-            rest = args if a.family == "sam2" else (b - full, *args[1:])
-            out_logits, out_iou = a._torch_run_decoder(embedding, sparse[full:], dense, *rest)
-            logits.append(out_logits.float())
-            ious.append(out_iou.float())
-        return torch.cat(logits), torch.cat(ious)
+        image = _image_inputs(embedding)
+        session = self._session("twoway", lambda tmp: _export_graph(
+            a, _TwoWay(a), (tokens[:1].float().expand(CHUNK, -1, -1), *image),
+            ["queries", "keys"], tmp))
+        queries, keys = _chunked(session, tokens.detach().float(), (), image)
+        return queries.to(tokens.device), keys.to(tokens.device)
+
+    def mask_logits(self, embedding, per, keys, hyper, hw, *extra):
+        if not self._usable(embedding):
+            return self.torch_mask_logits(embedding, per, keys, hyper, hw, *extra)
+        a, m = self.adapter, hyper.shape[1]
+        image = _image_inputs(embedding)
+        rows = (hyper.detach().float(), *[x.detach().float() for x in extra])
+        session = self._session(f"masks{m}", lambda tmp: _export_graph(
+            a, _Masks(a), (*[x[:1].expand(CHUNK, *x.shape[1:]) for x in (keys, *rows)],
+                           *image), ["logits"], tmp))
+        return _chunked(session, keys.detach().float(), rows, image)[0].to(keys.device)
+
+
+def _chunked(session, first: torch.Tensor, rows: tuple, fixed: tuple) -> list[torch.Tensor]:
+    """Run a graph traced for CHUNK rows over any number of rows (the last chunk padded with
+    copies of its last row); ``fixed`` inputs are the same for every chunk."""
+    n, outs = first.shape[0], []
+    for s in range(0, n, CHUNK):
+        part = [x[s:s + CHUNK] for x in (first, *rows)]
+        pad = CHUNK - part[0].shape[0]
+        if pad:
+            part = [torch.cat([x, x[-1:].expand(pad, *x.shape[1:])]) for x in part]
+        got = session.run(None, _feed(session, (*part, *fixed)))
+        outs.append([torch.from_numpy(g[:CHUNK - pad]) for g in got])
+    return [torch.cat(o) for o in zip(*outs)]
+
+
+def _feed(session, ins) -> dict:
+    """The inputs the graph kept (the exporter drops unused ones, e.g. SAM's image in "masks")."""
+    names = {i.name for i in session.get_inputs()}
+    return {f"in{i}": x.contiguous().cpu().numpy() for i, x in enumerate(ins)
+            if f"in{i}" in names}
 
 
 def _write_atomic(final: Path, write, meta: dict) -> None:
@@ -457,15 +495,16 @@ def _write_atomic(final: Path, write, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# where ORT's generator decoder measured faster than terrasam's (benchmarks/amg_parity.py,
-# default thresholds, same run: SAM ViT-B decode 37.0 s in ORT vs 77.9 s; SAM 2.1 tiny
-# 38.0 vs 38.1 s, and slower with every mask kept, benchmarks/onnx_speed.py: 17.6 vs 13.8 s)
-DECODER_FAMILIES = ("sam", "sam_hq")
+# where ORT's decoder graphs measured faster than terrasam's torch decoder (every family since
+# the split into "twoway" and "masks"; one run each, full-size random weights, 1024 px, the
+# ONNX encoder on both sides: SAM 2.1 tiny at default thresholds decode 11.8 s vs 26.2 s,
+# thresholds 0 (432 masks kept) 7.0 vs 9.7 s)
+DECODER_FAMILIES = ("sam", "sam_hq", "sam2")
 
 
 def decoder_enabled(family: str = "sam") -> bool:
     """Whether ORT runs the generator's decodes of ``family``: by default where it measured
-    faster (SAM, SAM-HQ); TERRASAM_ONNX_DECODER=0 never, =1 for every family."""
+    faster (DECODER_FAMILIES); TERRASAM_ONNX_DECODER=0 never, =1 for every family."""
     value = os.environ.get("TERRASAM_ONNX_DECODER", "").strip().lower()
     if value in ("0", "no", "off", "false"):
         return False
@@ -483,7 +522,6 @@ def attach_decoder(adapter, sha256: str | None = None) -> OrtDecoder | None:
         raise TerrasamError(f"no ONNX decoder for {adapter.family} models")
     sha256 = sha256 or adapter.checkpoint_sha256 or state_dict_sha256(adapter.model)
     decoder = OrtDecoder(adapter, sha256, providers("onnx", adapter.device))
-    adapter._torch_run_decoder = adapter._run_decoder
-    adapter._run_decoder = decoder
+    adapter._two_way, adapter._mask_logits = decoder.two_way, decoder.mask_logits
     adapter.ort_decoder = decoder
     return decoder

@@ -21,13 +21,14 @@ FAMILY_MODULES = {
     "sam_hq": "terrasam.models.sam",
     "sam2": "terrasam.models.sam2",
     "sam3": "terrasam.models.sam3",
+    "edgetam": "terrasam.models.edgetam",
 }
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     model_id: str
-    family: str  # "sam", "sam_hq", "sam2", "sam3"
+    family: str  # "sam", "sam_hq", "sam2", "sam3", "edgetam"
     variant: str  # "vit_b", "hiera_t", ...
     image_size: int
     hf_repo: str
@@ -43,6 +44,7 @@ _SAM1 = "https://dl.fbaipublicfiles.com/segment_anything/"
 _SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
 _SAM21 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
+_EDGETAM = "https://huggingface.co/facebook/EdgeTAM/resolve/main/"
 
 
 def _spec(*args, **kw) -> ModelSpec:
@@ -64,6 +66,10 @@ MODELS: dict[str, ModelSpec] = {
               "sam_hq_vit_l.pth", _HQ + "sam_hq_vit_l.pth", 313.7),
         _spec("sam-hq-vit-h", "sam_hq", "vit_h", 1024, "syscv-community/sam-hq-vit-huge",
               "sam_hq_vit_h.pth", _HQ + "sam_hq_vit_h.pth", 642.7),
+        _spec("slimsam-77", "sam", "slim_77", 1024, "nielsr/slimsam-77-uniform", None, None,
+              9.7, description="SAM ViT-B pruned to 23 % (SlimSAM); fast on CPU"),
+        _spec("slimsam-50", "sam", "slim_50", 1024, "nielsr/slimsam-50-uniform", None, None,
+              28.0, description="SAM ViT-B pruned to 50 % (SlimSAM)"),
         _spec("sam2-hiera-tiny", "sam2", "hiera_t", 1024, "facebook/sam2-hiera-tiny",
               "sam2_hiera_tiny.pt", _SAM2 + "sam2_hiera_tiny.pt", 31.4),
         _spec("sam2-hiera-small", "sam2", "hiera_s", 1024, "facebook/sam2-hiera-small",
@@ -81,7 +87,11 @@ MODELS: dict[str, ModelSpec] = {
               _SAM21 + "sam2.1_hiera_base_plus.pt", 73.3),
         _spec("sam2.1-hiera-large", "sam2", "hiera_l", 1024, "facebook/sam2.1-hiera-large",
               "sam2.1_hiera_large.pt", _SAM21 + "sam2.1_hiera_large.pt", 216.9),
-        _spec("sam3", "sam3", "sam3", 1008, "facebook/sam3", None, None, 840.4, gated=True,
+        _spec("edgetam", "edgetam", "repvit_m1", 1024, "yonigozlan/EdgeTAM-hf", "edgetam.pt",
+              _EDGETAM + "edgetam.pt", 9.1, description="light SAM 2 for CPUs (RepViT)"),
+        # SAM 3: the detector (840.4 M) plus the tracker's own neck and decoder (12.0 M; the
+        # tracker shares the detector's backbone)
+        _spec("sam3", "sam3", "sam3", 1008, "facebook/sam3", None, None, 852.4, gated=True,
               description="text, exemplars, points, boxes"),
     ]
 }

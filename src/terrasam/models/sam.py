@@ -19,11 +19,14 @@ FAMILIES = ("sam", "sam_hq")
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
-# (hidden size, depth, heads, global attention blocks) of Meta's image encoders
+# (hidden size, depth, heads, global attention blocks, MLP width) of the image encoders: Meta's
+# ViTs, and SlimSAM's ViT-B pruned to 50 % / 23 % (the two fields its published configs set).
 _VITS = {
-    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
-    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
-    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+    "vit_b": (768, 12, 12, (2, 5, 8, 11), 3072),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23), 4096),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31), 5120),
+    "slim_50": (384, 12, 12, (2, 5, 8, 11), 1536),
+    "slim_77": (168, 12, 12, (2, 5, 8, 11), 696),
 }
 # Meta's decoder uses 8 heads everywhere; head count is not visible in tensor shapes.
 _DECODER_HEADS = 8
@@ -76,8 +79,9 @@ def build_config(family: str, variant: str, size: str = "full"):
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
     if variant not in _VITS:
         raise TerrasamError(f"unknown {family} variant {variant!r}; known: {', '.join(_VITS)}")
-    hidden, depth, heads, global_idx = _VITS[variant]
-    return _make_config(family, hidden=hidden, depth=depth, heads=heads, global_idx=global_idx)
+    hidden, depth, heads, global_idx, mlp = _VITS[variant]
+    return _make_config(family, hidden=hidden, depth=depth, heads=heads, global_idx=global_idx,
+                        mlp_dim=mlp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,9 +276,8 @@ def spec_for_config(family: str, config) -> ModelSpec:
     for spec in MODELS.values():
         if spec.family != family or spec.variant not in _VITS:
             continue
-        hidden, depth, heads, global_idx = _VITS[spec.variant]
         if (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, tuple(v.global_attn_indexes),
-                v.image_size) == (hidden, depth, heads, global_idx, 1024):
+                v.mlp_dim, v.image_size) == (*_VITS[spec.variant], 1024):
             return spec
     base = MODELS["sam-hq-vit-b" if family == "sam_hq" else "sam-vit-b"]
     return replace(base, model_id=f"{base.model_id.rsplit('-vit', 1)[0]}-custom", variant="custom",
@@ -479,7 +482,7 @@ class SamAdapter(Adapter):
         tokens = tokens[None].expand(b, -1, -1)
         if sparse is not None:
             tokens = torch.cat([tokens, sparse], dim=1)
-        queries, keys = fd.two_way(dec.transformer, tokens.contiguous(), side)
+        queries, keys = self._two_way(embedding, tokens.contiguous(), side, dense)
         iou_all = dec.iou_prediction_head(queries[:, 0])
         if multimask:
             iou = iou_all[:, 1:n_sam]
@@ -503,13 +506,20 @@ class SamAdapter(Adapter):
                                  for i in range(n_sam)], dim=1)  # (s, n_sam, C/8)
             hyper = hyper.gather(1, order[sel, :, None].expand(-1, -1, hyper.shape[-1]))
             ks = keys[sel] if keys.shape[0] == b else keys.expand(len(sel), -1, -1)
-            if self._hq:
-                hq_hyper = dec.hq_mask_mlp(tok[:, 1 + n_sam])[:, None]
-                out = self._hq_masks(per, ks, hyper, hq_hyper, (h, w))
-            else:
-                out = fd.mask_logits(per["head"], ks, hyper, (h, w))
+            extra = (dec.hq_mask_mlp(tok[:, 1 + n_sam])[:, None],) if self._hq else ()
+            out = self._mask_logits(embedding, per, ks, hyper, (h, w), *extra)
             logits[sel] = torch.where(keep[sel, :, None, None], out, float("-inf"))
         return logits, iou
+
+    def _two_way(self, embedding, tokens, side, dense):
+        """(queries, keys) of the two-way transformer (ONNX Runtime may take this over)."""
+        return fd.two_way(self.model.mask_decoder.transformer, tokens, side)
+
+    def _mask_logits(self, embedding, per, keys, hyper, hw, hq_hyper=None):
+        """Mask logits of the selected prompts (ONNX Runtime may take this over)."""
+        if self._hq:
+            return self._hq_masks(per, keys, hyper, hq_hyper, hw)
+        return fd.mask_logits(per["head"], keys, hyper, hw)
 
     def _hq_masks(self, per, keys, hyper, hq_hyper, hw):
         dec = self.model.mask_decoder
@@ -533,5 +543,7 @@ class SamAdapter(Adapter):
         x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear",
                           align_corners=False)
         x = x[..., : embedding.input_size[0], : embedding.input_size[1]]
-        x = F.interpolate(x, tuple(embedding.original_size), mode="bilinear", align_corners=False)
+        if tuple(x.shape[-2:]) != tuple(embedding.original_size):  # same size: a copy, skipped
+            x = F.interpolate(x, tuple(embedding.original_size), mode="bilinear",
+                              align_corners=False)
         return x.reshape(*lead, *x.shape[-2:])

@@ -176,7 +176,12 @@ def _ffn_depth(head: str, config) -> int:
     return 3  # hypernetwork MLPs and the object score head
 
 
+_TIMM_TRUNK = ("vision_encoder.backbone.timm_model.", "image_encoder.trunk.body.")  # EdgeTAM
+
+
 def _hf_key_to_meta(key: str, config) -> str:
+    if key.startswith(_TIMM_TRUNK[0]):  # a timm trunk keeps timm's names under both prefixes
+        return _TIMM_TRUNK[1] + key[len(_TIMM_TRUNK[0]):]
     m = _FFN.match(key)
     if m:
         n = _ffn_depth(m.group("head"), config)
@@ -190,12 +195,14 @@ def _hf_key_to_meta(key: str, config) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _hf_shapes(config_json: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the transformers state dict of a config (built without memory)."""
-    from transformers import Sam2Config, Sam2Model
+    """Key -> shape of the transformers state dict of a config (built without memory): a
+    Sam2Model, or the model class of its model_type (EdgeTamModel for EdgeTAM)."""
+    from transformers import CONFIG_MAPPING, MODEL_MAPPING
 
-    config = Sam2Config.from_dict(json.loads(config_json))
+    config_dict = json.loads(config_json)
+    config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     with torch.device("meta"):
-        model = Sam2Model(config)
+        model = MODEL_MAPPING[type(config)](config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -272,9 +279,11 @@ def _is_video_key(key: str) -> bool:
 
 
 def looks_like(meta_state_dict: dict) -> bool:
-    """True when a Meta state dict is SAM 2 / 2.1 (a Hiera trunk and SAM 2's decoder)."""
+    """True when a Meta state dict is SAM 2 / 2.1 (a Hiera trunk and SAM 2's decoder; a timm
+    trunk, image_encoder.trunk.body, is EdgeTAM's)."""
     return (any(k.startswith("image_encoder.trunk.") for k in meta_state_dict)
-            and any(k.startswith("sam_mask_decoder.") for k in meta_state_dict))
+            and any(k.startswith("sam_mask_decoder.") for k in meta_state_dict)
+            and not any(k.startswith(_TIMM_TRUNK[1]) for k in meta_state_dict))
 
 
 def _candidates(sd: dict, dim: int, depth: int):
@@ -331,6 +340,13 @@ def meta_to_hf(meta_state_dict: dict):
     variant, size, config = found
     version = "2.1" if any(k in sd for k in _SAM21_KEYS) or not any(map(_is_video_key, sd)) \
         else "2"
+    spec = MODELS[f"sam{version}-hiera-{_NAMES[variant]}"]
+    return config, meta_image_to_hf(image, config), spec
+
+
+def meta_image_to_hf(image: dict, config) -> dict:
+    """The transformers state dict of config from the image-model tensors of a Meta state dict
+    whose keys and shapes were checked against _meta_image_shapes(config)."""
     out = {}
     for key, shape in _shapes_of(config).items():
         if key == _TIED:
@@ -341,8 +357,7 @@ def meta_to_hf(meta_state_dict: dict):
         else:
             out[key] = image[_hf_key_to_meta(key, config)]
     out[_TIED] = out[_PE]
-    spec = MODELS[f"sam{version}-hiera-{_NAMES[variant]}"]
-    return config, out, spec
+    return out
 
 
 def hf_to_meta(hf_state_dict: dict, config, version: str = "2.1", video_seed: int | None = 0):
@@ -521,7 +536,7 @@ class Sam2Adapter(Adapter):
         tokens = torch.cat([dec.obj_score_token.weight, dec.iou_token.weight,
                             dec.mask_tokens.weight], dim=0).to(self.dtype)
         tokens = torch.cat([tokens[None].expand(b, -1, -1), sparse[:, 0]], dim=1)
-        queries, keys = fd.two_way(dec.transformer, tokens.contiguous(), side)
+        queries, keys = self._two_way(embedding, tokens.contiguous(), side, dense)
         iou_all = dec.iou_prediction_head(queries[:, 1])  # (B, 4)
         dynamic = not multimask and dec.dynamic_multimask_via_stability
         if multimask:
@@ -545,7 +560,7 @@ class Sam2Adapter(Adapter):
             hyper = torch.stack([dec.output_hypernetworks_mlps[i](tok[:, 2 + i]) for i in wanted],
                                 dim=1)
             ks = keys[sel] if keys.shape[0] == b else keys.expand(len(sel), -1, -1)
-            out = fd.mask_logits(per["head"], ks, hyper, (h, w))
+            out = self._mask_logits(embedding, per, ks, hyper, (h, w))
             if dynamic:
                 out, chosen = dec._dynamic_multimask_via_stability(out[:, None],
                                                                    iou_all[sel][:, None])
@@ -555,6 +570,14 @@ class Sam2Adapter(Adapter):
                     keep[sel] = iou[sel] >= iou_thresh
             logits[sel] = torch.where(keep[sel, :, None, None], out, float("-inf"))
         return logits, iou
+
+    def _two_way(self, embedding, tokens, side, dense):
+        """(queries, keys) of the two-way transformer (ONNX Runtime may take this over)."""
+        return fd.two_way(self.model.mask_decoder.transformer, tokens, side)
+
+    def _mask_logits(self, embedding, per, keys, hyper, hw):
+        """Mask logits of the selected prompts (ONNX Runtime may take this over)."""
+        return fd.mask_logits(per["head"], keys, hyper, hw)
 
     @torch.inference_mode()
     def upscale(self, low_res_logits: torch.Tensor, embedding: Embedding) -> torch.Tensor:

@@ -21,9 +21,10 @@ from terrasam.models.registry import MODELS, ModelSpec, family_module, get_spec
 META_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # Which terrasam family a transformers config's model_type belongs to.
 MODEL_TYPES = {"sam": "sam", "sam_hq": "sam_hq", "sam2": "sam2", "sam3": "sam3",
-               "sam3_video": "sam3"}  # facebook/sam3: detector + tracker in one folder
+               "sam3_video": "sam3",  # facebook/sam3: detector + tracker in one folder
+               "edgetam": "edgetam"}
 _TRUE = {"1", "on", "yes", "true"}
-_FAMILY_NAMES = {"sam": "SAM", "sam2": "SAM 2", "sam3": "SAM 3"}
+_FAMILY_NAMES = {"sam": "SAM", "sam2": "SAM 2", "sam3": "SAM 3", "edgetam": "EdgeTAM"}
 
 
 @dataclass
@@ -225,7 +226,7 @@ _SIGNATURES = (("image_encoder.patch_embed.proj.weight", ("image_encoder.blocks.
 def detect_family(meta_state_dict: dict, path: Path) -> ModuleType:
     """The family module whose looks_like() accepts this Meta state dict."""
     seen = set()
-    for family in ("sam", "sam2", "sam3"):
+    for family in ("sam", "sam2", "sam3", "edgetam"):
         module = family_module(family, required=False)
         if module is None or module in seen:
             continue
@@ -238,8 +239,8 @@ def detect_family(meta_state_dict: dict, path: Path) -> ModuleType:
             raise TerrasamError(f"{path} is an incomplete SAM checkpoint: it has no tensor "
                                 f"{key!r}")
     raise TerrasamError(
-        f"{path} is not a checkpoint terrasam recognises (SAM, SAM-HQ, SAM 2/2.1 or SAM 3 in "
-        f"Meta's layout, or a Hugging Face model folder)")
+        f"{path} is not a checkpoint terrasam recognises (SAM, SAM-HQ, SAM 2/2.1, SAM 3 or "
+        f"EdgeTAM in Meta's layout, or a Hugging Face model folder)")
 
 
 def _check_loading_info(info: dict, source: str) -> None:
