@@ -163,17 +163,8 @@ def looks_like(meta_state_dict: dict) -> bool:
 def _problems(image: dict, want: dict) -> list[str]:
     """Why the image tensors of a checkpoint are not those of an architecture, worst first."""
     unknown = sorted(set(image) - set(want))
-    lacking = sorted(set(want) - set(image))
-    wrong = sorted(k for k in want if k in image and tuple(image[k].shape) != want[k])
-    out = []
-    if unknown:
-        out.append(f"unexpected key {unknown[0]!r} ({len(unknown)} unknown keys)")
-    if lacking:
-        out.append(f"it is incomplete, with no tensor {lacking[0]!r} ({len(lacking)} missing)")
-    if wrong:
-        out.append(f"tensor {wrong[0]!r} has shape {tuple(image[wrong[0]].shape)}, expected "
-                   f"{want[wrong[0]]}")
-    return out
+    out = [f"unexpected key {unknown[0]!r} ({len(unknown)} unknown keys)"] if unknown else []
+    return out + sam2.shape_mismatch(image, want)
 
 
 def meta_to_hf(meta_state_dict: dict):

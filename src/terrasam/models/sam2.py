@@ -298,6 +298,20 @@ def _candidates(sd: dict, dim: int, depth: int):
                 yield variant, size
 
 
+def shape_mismatch(image: dict, want: dict) -> list[str]:
+    """Why image tensors are not an architecture's (want: key -> shape), worst first: a
+    missing tensor, then a mis-shaped one (unknown keys are the caller's to judge)."""
+    lacking = sorted(set(want) - set(image))
+    wrong = sorted(k for k in want if k in image and tuple(image[k].shape) != want[k])
+    out = []
+    if lacking:
+        out.append(f"it is incomplete, with no tensor {lacking[0]!r} ({len(lacking)} missing)")
+    if wrong:
+        out.append(f"tensor {wrong[0]!r} has shape {tuple(image[wrong[0]].shape)}, expected "
+                   f"{want[wrong[0]]}")
+    return out
+
+
 def meta_to_hf(meta_state_dict: dict):
     """Convert a Meta SAM 2 / 2.1 state dict: (config, transformers state dict, spec guess).
 
@@ -325,15 +339,11 @@ def meta_to_hf(meta_state_dict: dict):
             raise TerrasamError(f"unexpected key {unknown[0]!r} in the SAM 2 checkpoint "
                                 f"({len(unknown)} unknown keys)")
         for variant, size in _candidates(sd, dim, depth):  # name what the nearest one lacks
-            want = _meta_image_shapes(build_config("sam2", variant, size))
-            lacking = sorted(set(want) - set(image))
-            wrong = sorted(k for k in want if k in image and tuple(image[k].shape) != want[k])
-            if lacking or wrong:
-                what = (f"it is incomplete, with no tensor {lacking[0]!r} ({len(lacking)} "
-                        "missing)" if lacking else f"tensor {wrong[0]!r} has shape "
-                        f"{tuple(image[wrong[0]].shape)}, expected {want[wrong[0]]}")
+            problems = shape_mismatch(image, _meta_image_shapes(build_config("sam2", variant,
+                                                                             size)))
+            if problems:
                 raise TerrasamError(f"this SAM 2 checkpoint matches none of Meta's Hiera "
-                                    f"architectures: {what}")
+                                    f"architectures: {problems[0]}")
         raise TerrasamError(
             "this SAM 2 checkpoint matches none of Meta's Hiera architectures (tiny, small, "
             f"base-plus, large); trunk width {dim}, {depth} blocks")
