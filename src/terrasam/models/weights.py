@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from terrasam.errors import TerrasamError
-from terrasam.models.registry import MODELS, ModelSpec, family_module, get_spec
+from terrasam.models.registry import FAMILY_MODULES, MODELS, ModelSpec, family_module, get_spec
 
 META_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # Which terrasam family a transformers config's model_type belongs to.
@@ -226,7 +226,7 @@ _SIGNATURES = (("image_encoder.patch_embed.proj.weight", ("image_encoder.blocks.
 def detect_family(meta_state_dict: dict, path: Path) -> ModuleType:
     """The family module whose looks_like() accepts this Meta state dict."""
     seen = set()
-    for family in ("sam", "sam2", "sam3", "edgetam"):
+    for family in FAMILY_MODULES:  # sam and sam_hq share a module: tried once
         module = family_module(family, required=False)
         if module is None or module in seen:
             continue
